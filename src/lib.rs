@@ -10,4 +10,8 @@
 //!
 //! The shard engine (queues, storage) lives in the `shards` crate.
 
+pub mod cli;
 pub mod codec;
+pub mod config;
+pub mod connection;
+pub mod runtime;

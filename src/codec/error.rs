@@ -160,7 +160,10 @@ impl fmt::Display for FrameError {
                 method_id,
             } => write!(f, "unknown method {class_id}.{method_id}"),
             FrameError::UnknownContentClass { class_id } => {
-                write!(f, "content header for class {class_id}, which has no content")
+                write!(
+                    f,
+                    "content header for class {class_id}, which has no content"
+                )
             }
         }
     }

@@ -36,6 +36,10 @@ pub const FRAME_MIN_SIZE: u32 = 4096;
 pub const PROTOCOL_HEADER: [u8; 8] = *b"AMQP\x00\x00\x09\x01";
 
 /// A decoded frame. Payloads are slices of the receive buffer, not copies.
+///
+/// The header variant is large (decoded properties inline); frames are moved once from decoder
+/// to handler, and boxing it would cost an allocation per published message.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Method { channel: u16, method: Method },
@@ -256,7 +260,9 @@ pub fn encode_body(out: &mut BytesMut, channel: u16, body: &[u8], frame_max: u32
         u32::MAX as usize - FRAME_OVERHEAD_BYTES
     } else {
         // frame_max >= FRAME_MIN_SIZE is enforced at negotiation; guard the arithmetic anyway.
-        (frame_max as usize).saturating_sub(FRAME_OVERHEAD_BYTES).max(1)
+        (frame_max as usize)
+            .saturating_sub(FRAME_OVERHEAD_BYTES)
+            .max(1)
     };
     out.reserve(body.len() + body.len().div_ceil(chunk_max) * FRAME_OVERHEAD_BYTES);
     for chunk in body.chunks(chunk_max) {
@@ -435,7 +441,10 @@ mod tests {
         let mut reassembled = Vec::new();
         for frame in &frames[2..] {
             match frame {
-                Frame::Body { channel: 7, payload } => {
+                Frame::Body {
+                    channel: 7,
+                    payload,
+                } => {
                     assert!(payload.len() + FRAME_OVERHEAD_BYTES <= 4096);
                     reassembled.extend_from_slice(payload);
                 }
@@ -470,7 +479,10 @@ mod tests {
             check_protocol_header(b"AMQP\x01\x01\x00\x0a"),
             ProtocolHeader::Refused
         );
-        assert_eq!(check_protocol_header(b"GET / HTTP/1.1"), ProtocolHeader::Refused);
+        assert_eq!(
+            check_protocol_header(b"GET / HTTP/1.1"),
+            ProtocolHeader::Refused
+        );
     }
 
     proptest! {

@@ -8,27 +8,63 @@
 
 // The field-type macros come first: `methods` and `properties` expand them.
 macro_rules! field_rust_type {
-    (bit) => { bool };
-    (octet) => { u8 };
-    (short) => { u16 };
-    (long) => { u32 };
-    (longlong) => { u64 };
-    (shortstr) => { ShortStr };
-    (longstr) => { LongStr };
-    (timestamp) => { u64 };
-    (table) => { FieldTable };
+    (bit) => {
+        bool
+    };
+    (octet) => {
+        u8
+    };
+    (short) => {
+        u16
+    };
+    (long) => {
+        u32
+    };
+    (longlong) => {
+        u64
+    };
+    (shortstr) => {
+        ShortStr
+    };
+    (longstr) => {
+        LongStr
+    };
+    (timestamp) => {
+        u64
+    };
+    (table) => {
+        FieldTable
+    };
 }
 
 macro_rules! field_kind {
-    (bit) => { FieldKind::Bit };
-    (octet) => { FieldKind::Octet };
-    (short) => { FieldKind::Short };
-    (long) => { FieldKind::Long };
-    (longlong) => { FieldKind::LongLong };
-    (shortstr) => { FieldKind::ShortStr };
-    (longstr) => { FieldKind::LongStr };
-    (timestamp) => { FieldKind::Timestamp };
-    (table) => { FieldKind::Table };
+    (bit) => {
+        FieldKind::Bit
+    };
+    (octet) => {
+        FieldKind::Octet
+    };
+    (short) => {
+        FieldKind::Short
+    };
+    (long) => {
+        FieldKind::Long
+    };
+    (longlong) => {
+        FieldKind::LongLong
+    };
+    (shortstr) => {
+        FieldKind::ShortStr
+    };
+    (longstr) => {
+        FieldKind::LongStr
+    };
+    (timestamp) => {
+        FieldKind::Timestamp
+    };
+    (table) => {
+        FieldKind::Table
+    };
 }
 
 mod error;
@@ -46,8 +82,8 @@ pub use frame::{
 pub use methods::*;
 pub use properties::{BasicProperties, BASIC_CLASS_ID, BASIC_PROPERTY_TABLE};
 pub use types::{
-    read_table_entries, write_table, write_table_entries, Decimal, FieldTable, FieldValue,
-    LongStr, Reader, ShortStr, ShortStrTooLong, Writer, FIELD_TABLE_DEPTH_MAX,
+    read_table_entries, write_table, write_table_entries, Decimal, FieldTable, FieldValue, LongStr,
+    Reader, ShortStr, ShortStrTooLong, Writer, FIELD_TABLE_DEPTH_MAX,
 };
 
 #[cfg(test)]

@@ -110,7 +110,10 @@ fn ours(info: &MethodInfo) -> SpecMethod {
 #[test]
 fn method_table_matches_the_spec_xml() {
     let (spec_methods, _) = spec();
-    assert!(spec_methods.len() >= 60, "the spec parsed to too few methods");
+    assert!(
+        spec_methods.len() >= 60,
+        "the spec parsed to too few methods"
+    );
     for spec_method in &spec_methods {
         let info = METHOD_TABLE
             .iter()

@@ -145,6 +145,11 @@ impl LongStr {
         &self.0
     }
 
+    /// The underlying buffer, for zero-copy reuse.
+    pub fn bytes(&self) -> &Bytes {
+        &self.0
+    }
+
     pub fn to_str_lossy(&self) -> Cow<'_, str> {
         String::from_utf8_lossy(&self.0)
     }
@@ -678,7 +683,13 @@ mod tests {
             ("L", FieldValue::U64(u64::MAX)),
             ("f", FieldValue::F32(1.5)),
             ("d", FieldValue::F64(-2.25)),
-            ("D", FieldValue::Decimal(Decimal { scale: 2, value: 12345 })),
+            (
+                "D",
+                FieldValue::Decimal(Decimal {
+                    scale: 2,
+                    value: 12345,
+                }),
+            ),
             ("S", FieldValue::LongStr("hello".into())),
             ("x", FieldValue::Bytes(Bytes::from_static(&[0, 1, 2]))),
             (

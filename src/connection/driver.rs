@@ -1,0 +1,286 @@
+//! The glommio tasks that drive one [`ConnectionMachine`] over its socket.
+//!
+//! Three tasks per connection, all on the shard that accepted it:
+//! - the reader reads into a buffer and feeds the machine (and is the connection's main task);
+//! - the writer swaps the machine's outbound buffer for an empty one and writes it in one go, so
+//!   every frame produced since the last write shares one `send`;
+//! - the timer sends heartbeats, disconnects a silent peer after two intervals, and enforces the
+//!   handshake and close timeouts.
+//!
+//! Invariants: the socket is shared through a `RefCell` that is borrowed only inside one `poll_*`
+//! call, never across an await. When more than `outbound_buffer_bytes_max` bytes wait to be
+//! written, the reader stops reading (TCP back-pressure) until the writer drains them.
+
+use std::cell::{Cell, RefCell};
+use std::future::poll_fn;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::pin::Pin;
+use std::rc::Rc;
+use std::time::{Duration, Instant};
+
+use bytes::BytesMut;
+use futures_lite::{AsyncRead, AsyncWrite};
+use glommio::net::TcpStream;
+use log::{debug, info, warn};
+
+use super::machine::{ConnectionMachine, ConnectionSettings, Phase};
+use crate::runtime::sync::{Event, Notify};
+
+/// One live connection, as its shard sees it.
+pub struct Connection {
+    pub id: u64,
+    stream: RefCell<TcpStream>,
+    fd: RawFd,
+    machine: RefCell<ConnectionMachine>,
+    settings: Rc<ConnectionSettings>,
+    /// Set when the machine has bytes to write or the connection is ending.
+    write_wanted: Notify,
+    /// Set when the writer finished a write (the reader may be waiting for room).
+    drained: Notify,
+    /// Bytes the writer holds but has not written yet.
+    in_flight_bytes: Cell<usize>,
+    reader_done: Cell<bool>,
+    finished: Event,
+    last_read: Cell<Instant>,
+    last_write: Cell<Instant>,
+}
+
+async fn read_some(stream: &RefCell<TcpStream>, buffer: &mut [u8]) -> io::Result<usize> {
+    poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, buffer)).await
+}
+
+async fn write_all(stream: &RefCell<TcpStream>, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        let written =
+            poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_write(cx, bytes)).await?;
+        if written == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        bytes = &bytes[written..];
+    }
+    Ok(())
+}
+
+/// Shuts both directions of the socket down; a pending read or write on it returns at once.
+/// The descriptor stays open (and owned by the `TcpStream`) until the connection is dropped.
+fn shutdown_socket(fd: RawFd) {
+    // SAFETY: shutdown(2) only changes the state of the socket `fd` names; it touches no memory.
+    // An error (the peer already gone) leaves nothing to do.
+    let _ = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+}
+
+impl Connection {
+    pub fn new(
+        id: u64,
+        stream: TcpStream,
+        settings: Rc<ConnectionSettings>,
+    ) -> io::Result<Rc<Connection>> {
+        let peer = stream.peer_addr()?;
+        stream.set_nodelay(true)?;
+        let fd = stream.as_raw_fd();
+        let now = Instant::now();
+        Ok(Rc::new(Connection {
+            id,
+            stream: RefCell::new(stream),
+            fd,
+            machine: RefCell::new(ConnectionMachine::new(settings.clone(), peer)),
+            settings,
+            write_wanted: Notify::default(),
+            drained: Notify::default(),
+            in_flight_bytes: Cell::new(0),
+            reader_done: Cell::new(false),
+            finished: Event::default(),
+            last_read: Cell::new(now),
+            last_write: Cell::new(now),
+        }))
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.finished.is_set()
+    }
+
+    /// Closes the connection with 320 CONNECTION_FORCED; the client gets `shutdown_grace` to
+    /// answer before [`Connection::force_close`].
+    pub fn begin_shutdown(&self) {
+        self.machine.borrow_mut().begin_shutdown();
+        self.write_wanted.notify();
+    }
+
+    /// Gives up on the peer: no more reads or writes, and the socket is shut down so that a
+    /// pending read or write returns at once.
+    pub fn force_close(&self) {
+        self.machine.borrow_mut().abandon();
+        shutdown_socket(self.fd);
+        self.write_wanted.notify();
+        self.drained.notify();
+    }
+
+    /// Runs the connection to its end. Spawns the writer and the timer, reads until the peer or
+    /// the machine closes, then waits for the writer to flush.
+    pub async fn run(self: Rc<Self>) {
+        let peer = self.machine.borrow().peer();
+        debug!("{peer}: accepted connection {}", self.id);
+        let writer = glommio::spawn_local(self.clone().write_loop());
+        glommio::spawn_local(self.clone().timer_loop()).detach();
+        self.read_loop().await;
+        self.reader_done.set(true);
+        self.write_wanted.notify();
+        writer.await;
+        self.finished.set();
+        let machine = self.machine.borrow();
+        info!(
+            "{peer}: connection {} closed ({} channels open at close)",
+            self.id,
+            machine.open_channel_count()
+        );
+    }
+
+    fn pending_outbound_bytes(&self) -> usize {
+        self.machine.borrow_mut().outbound().len() + self.in_flight_bytes.get()
+    }
+
+    fn phase(&self) -> Phase {
+        self.machine.borrow().phase()
+    }
+
+    async fn read_loop(&self) {
+        let chunk = self.settings.limits.read_chunk_bytes;
+        let limit = self.settings.limits.outbound_buffer_bytes_max;
+        let mut input = BytesMut::with_capacity(chunk);
+        while self.phase() != Phase::Closed {
+            while self.pending_outbound_bytes() > limit && self.phase() != Phase::Closed {
+                self.drained.wait().await;
+            }
+            let filled = input.len();
+            input.resize(filled + chunk, 0);
+            let result = read_some(&self.stream, &mut input[filled..]).await;
+            match result {
+                Ok(0) => {
+                    input.truncate(filled);
+                    self.peer_went_away("closed the socket");
+                    return;
+                }
+                Ok(read) => input.truncate(filled + read),
+                Err(error) => {
+                    input.truncate(filled);
+                    self.peer_went_away(&error.to_string());
+                    return;
+                }
+            }
+            self.last_read.set(Instant::now());
+            let mut machine = self.machine.borrow_mut();
+            machine.receive(&mut input);
+            if !machine.outbound().is_empty() {
+                self.write_wanted.notify();
+            }
+        }
+    }
+
+    fn peer_went_away(&self, how: &str) {
+        let mut machine = self.machine.borrow_mut();
+        if machine.phase() == Phase::Open {
+            info!(
+                "{}: client {how} without closing the connection",
+                machine.peer()
+            );
+        }
+        machine.abandon();
+    }
+
+    async fn write_loop(self: Rc<Self>) {
+        let mut buffer = BytesMut::with_capacity(4096);
+        loop {
+            let swapped = {
+                let mut machine = self.machine.borrow_mut();
+                if machine.outbound().is_empty() {
+                    if machine.phase() == Phase::Closed || self.reader_done.get() {
+                        break;
+                    }
+                    false
+                } else {
+                    std::mem::swap(machine.outbound(), &mut buffer);
+                    true
+                }
+            };
+            if !swapped {
+                self.write_wanted.wait().await;
+                continue;
+            }
+            self.in_flight_bytes.set(buffer.len());
+            let result = write_all(&self.stream, &buffer).await;
+            buffer.clear();
+            self.in_flight_bytes.set(0);
+            self.last_write.set(Instant::now());
+            self.drained.notify();
+            if let Err(error) = result {
+                debug!("{}: write failed: {error}", self.machine.borrow().peer());
+                self.machine.borrow_mut().abandon();
+                break;
+            }
+        }
+        // Everything is written: close our side, which also ends a read still pending.
+        shutdown_socket(self.fd);
+        self.drained.notify();
+    }
+
+    async fn timer_loop(self: Rc<Self>) {
+        let limits = &self.settings.limits;
+        let started = Instant::now();
+        let mut closing_since: Option<Instant> = None;
+        loop {
+            let heartbeat = self.machine.borrow().heartbeat_secs();
+            let tick = match heartbeat {
+                Some(secs) => Duration::from_millis(u64::from(secs) * 500),
+                None => Duration::from_millis(500),
+            };
+            let finished = futures_lite::future::or(
+                async {
+                    glommio::timer::sleep(tick).await;
+                    false
+                },
+                async {
+                    self.finished.wait().await;
+                    true
+                },
+            )
+            .await;
+            if finished {
+                return;
+            }
+            let now = Instant::now();
+            let peer = self.machine.borrow().peer();
+            match self.phase() {
+                Phase::Closed => return,
+                Phase::Closing => {
+                    let since = *closing_since.get_or_insert(now);
+                    if now - since > Duration::from_millis(limits.close_timeout_ms) {
+                        info!("{peer}: no connection.close-ok in time, closing the socket");
+                        self.force_close();
+                        return;
+                    }
+                }
+                _ if self.machine.borrow().in_handshake()
+                    && now - started > Duration::from_millis(limits.handshake_timeout_ms) =>
+                {
+                    warn!("{peer}: handshake not completed in time, closing the socket");
+                    self.force_close();
+                    return;
+                }
+                _ => {}
+            }
+            if let Some(secs) = heartbeat {
+                let interval = Duration::from_secs(u64::from(secs));
+                if now - self.last_read.get() > interval * 2 {
+                    warn!("{peer}: missed heartbeats from client, timeout: {secs}s");
+                    self.force_close();
+                    return;
+                }
+                if now - self.last_write.get() >= interval / 2 {
+                    self.machine.borrow_mut().send_heartbeat();
+                    self.write_wanted.notify();
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,738 @@
+//! The protocol state machine of one client connection, without IO.
+//!
+//! Received bytes go in through [`ConnectionMachine::receive`]; bytes to send accumulate in
+//! [`ConnectionMachine::outbound`], which the driver writes to the socket in one write per batch.
+//! Time enters only as explicit calls (send a heartbeat, give up on a close), so the whole
+//! lifecycle can be tested, and fuzzed, without a socket or a clock.
+//!
+//! Connection lifecycle ([`Phase`]):
+//!
+//! ```text
+//! AwaitingProtocolHeader --header ok--> AwaitingStartOk --login ok--> AwaitingTuneOk
+//!        |  (bad header: send ours, Closed)      |                          |
+//!        |                                       v                          v
+//!        |                              AwaitingOpen <------tune-ok---------+
+//!        |                                       | vhost ok
+//!        v                                       v
+//!      Closed <--close-ok / timeout-- Closing <--error / shutdown-- Open
+//! ```
+//!
+//! Any phase after the header moves to `Closed` when the client sends connection.close (we answer
+//! close-ok) and to `Closing` when we send connection.close; in `Closing` every frame but
+//! close/close-ok is discarded, as the spec says. A frame that cannot be decoded leaves the byte
+//! stream unusable, so it sends connection.close and goes straight to `Closed`.
+//!
+//! Channel lifecycle: absent --channel.open--> Open --channel.close--> absent, or
+//! Open --error--> Closing --close-ok--> absent.
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+
+use bytes::{Buf, BytesMut};
+use log::{debug, info, warn};
+
+use super::auth::{Directory, MECHANISMS};
+use super::error::{AmqpError, Scope};
+use crate::codec::{
+    check_protocol_header, decode_frame, encode_heartbeat, encode_method, ChannelCloseOk,
+    ChannelFlowOk, ChannelOpenOk, ConnectionCloseOk, ConnectionOpen, ConnectionOpenOk,
+    ConnectionStart, ConnectionStartOk, ConnectionTune, ConnectionTuneOk, ConnectionUpdateSecretOk,
+    FieldTable, FieldValue, Frame, LongStr, Method, ProtocolHeader, ReplyCode, ShortStr,
+    FRAME_MIN_SIZE, PROTOCOL_HEADER,
+};
+use crate::config::ConnectionConfig;
+
+/// What every connection of a shard shares: users, limits, and the server properties.
+#[derive(Debug)]
+pub struct ConnectionSettings {
+    pub directory: Directory,
+    pub limits: ConnectionConfig,
+    pub server_properties: FieldTable,
+}
+
+impl ConnectionSettings {
+    pub fn new(directory: Directory, limits: ConnectionConfig) -> ConnectionSettings {
+        ConnectionSettings {
+            directory,
+            limits,
+            server_properties: server_properties(),
+        }
+    }
+}
+
+/// The server-properties table of connection.start, with the capabilities RabbitMQ clients
+/// look for before they use an extension.
+pub fn server_properties() -> FieldTable {
+    let text = |s: &'static str| FieldValue::LongStr(LongStr::from_static(s));
+    let capabilities: FieldTable = [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ]
+    .into_iter()
+    .map(|name| (ShortStr::from_static(name), FieldValue::Bool(true)))
+    .collect();
+    [
+        ("product", text("shardmq")),
+        ("version", text(env!("CARGO_PKG_VERSION"))),
+        ("platform", text("Rust")),
+        ("information", text("https://github.com/shardmq/shardmq")),
+        ("cluster_name", text("shardmq")),
+        ("capabilities", FieldValue::Table(capabilities)),
+    ]
+    .into_iter()
+    .map(|(name, value)| (ShortStr::from_static(name), value))
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Phase {
+    AwaitingProtocolHeader,
+    AwaitingStartOk,
+    AwaitingTuneOk,
+    AwaitingOpen,
+    Open,
+    /// We sent connection.close and wait for close-ok.
+    Closing,
+    /// Nothing more is read; once the outbound bytes are written the socket closes.
+    Closed,
+}
+
+/// Limits agreed in tune/tune-ok.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Tuning {
+    pub channel_max: u16,
+    pub frame_max: u32,
+    pub heartbeat_secs: u16,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ChannelState {
+    Open {
+        flow_active: bool,
+    },
+    /// We sent channel.close and wait for close-ok.
+    Closing,
+}
+
+/// What the client told us about itself in connection.start-ok.
+#[derive(Debug, Clone, Default)]
+pub struct ClientInfo {
+    pub product: String,
+    pub connection_name: String,
+    pub consumer_cancel_notify: bool,
+    pub authentication_failure_close: bool,
+}
+
+impl ClientInfo {
+    fn from_properties(properties: &FieldTable) -> ClientInfo {
+        let text = |name: &str| {
+            properties
+                .get(name)
+                .and_then(FieldValue::as_bytes)
+                .map(|b| String::from_utf8_lossy(b).into_owned())
+                .unwrap_or_default()
+        };
+        let capability = |name: &str| match properties.get("capabilities") {
+            Some(FieldValue::Table(table)) => table
+                .get(name)
+                .and_then(FieldValue::as_bool)
+                .unwrap_or(false),
+            _ => false,
+        };
+        ClientInfo {
+            product: text("product"),
+            connection_name: text("connection_name"),
+            consumer_cancel_notify: capability("consumer_cancel_notify"),
+            authentication_failure_close: capability("authentication_failure_close"),
+        }
+    }
+}
+
+/// Whether a client may send `method` at all (the rest are server-to-client only).
+fn sent_by_clients(method: &Method) -> bool {
+    use Method::*;
+    matches!(
+        method,
+        ConnectionStartOk(_)
+            | ConnectionSecureOk(_)
+            | ConnectionTuneOk(_)
+            | ConnectionOpen(_)
+            | ConnectionClose(_)
+            | ConnectionCloseOk(_)
+            | ConnectionUpdateSecret(_)
+            | ChannelOpen(_)
+            | ChannelFlow(_)
+            | ChannelFlowOk(_)
+            | ChannelClose(_)
+            | ChannelCloseOk(_)
+            | ExchangeDeclare(_)
+            | ExchangeDelete(_)
+            | ExchangeBind(_)
+            | ExchangeUnbind(_)
+            | QueueDeclare(_)
+            | QueueBind(_)
+            | QueueUnbind(_)
+            | QueuePurge(_)
+            | QueueDelete(_)
+            | BasicQos(_)
+            | BasicConsume(_)
+            | BasicCancel(_)
+            | BasicPublish(_)
+            | BasicGet(_)
+            | BasicAck(_)
+            | BasicReject(_)
+            | BasicRecoverAsync(_)
+            | BasicRecover(_)
+            | BasicNack(_)
+            | TxSelect(_)
+            | TxCommit(_)
+            | TxRollback(_)
+            | ConfirmSelect(_)
+    )
+}
+
+pub struct ConnectionMachine {
+    settings: Rc<ConnectionSettings>,
+    peer: SocketAddr,
+    phase: Phase,
+    tuning: Tuning,
+    channels: ahash::HashMap<u16, ChannelState>,
+    user: Option<String>,
+    vhost: Option<String>,
+    client: ClientInfo,
+    outbound: BytesMut,
+}
+
+impl ConnectionMachine {
+    pub fn new(settings: Rc<ConnectionSettings>, peer: SocketAddr) -> ConnectionMachine {
+        let tuning = Tuning {
+            channel_max: settings.limits.channel_max,
+            frame_max: settings.limits.frame_max_bytes,
+            heartbeat_secs: 0,
+        };
+        ConnectionMachine {
+            settings,
+            peer,
+            phase: Phase::AwaitingProtocolHeader,
+            tuning,
+            channels: ahash::HashMap::default(),
+            user: None,
+            vhost: None,
+            client: ClientInfo::default(),
+            outbound: BytesMut::with_capacity(4096),
+        }
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn tuning(&self) -> Tuning {
+        self.tuning
+    }
+
+    pub fn peer(&self) -> SocketAddr {
+        self.peer
+    }
+
+    pub fn client(&self) -> &ClientInfo {
+        &self.client
+    }
+
+    pub fn open_channel_count(&self) -> usize {
+        self.channels.len()
+    }
+
+    /// Whether `channel` is open with deliveries allowed (`Some(false)` after channel.flow
+    /// active=false); `None` when it is not open.
+    pub fn channel_flow_active(&self, channel: u16) -> Option<bool> {
+        match self.channels.get(&channel)? {
+            ChannelState::Open { flow_active } => Some(*flow_active),
+            ChannelState::Closing => None,
+        }
+    }
+
+    /// Bytes waiting to be written. The driver swaps this buffer out, writes it, and clears it.
+    pub fn outbound(&mut self) -> &mut BytesMut {
+        &mut self.outbound
+    }
+
+    /// The heartbeat interval once tune-ok has fixed it; `None` when heartbeats are off.
+    pub fn heartbeat_secs(&self) -> Option<u16> {
+        let tuned = matches!(
+            self.phase,
+            Phase::AwaitingOpen | Phase::Open | Phase::Closing
+        );
+        (tuned && self.tuning.heartbeat_secs > 0).then_some(self.tuning.heartbeat_secs)
+    }
+
+    pub fn send_heartbeat(&mut self) {
+        if self.phase != Phase::Closed {
+            encode_heartbeat(&mut self.outbound);
+        }
+    }
+
+    /// Whether the handshake is still under way (the handshake timeout applies).
+    pub fn in_handshake(&self) -> bool {
+        matches!(
+            self.phase,
+            Phase::AwaitingProtocolHeader
+                | Phase::AwaitingStartOk
+                | Phase::AwaitingTuneOk
+                | Phase::AwaitingOpen
+        )
+    }
+
+    /// Processes every whole frame in `input`, leaving a partial frame for the next call.
+    pub fn receive(&mut self, input: &mut BytesMut) {
+        if self.phase == Phase::AwaitingProtocolHeader {
+            match check_protocol_header(input) {
+                ProtocolHeader::NeedMore => return,
+                ProtocolHeader::Refused => {
+                    info!(
+                        "{}: refused connection: not an AMQP 0-9-1 protocol header",
+                        self.peer
+                    );
+                    self.outbound.extend_from_slice(&PROTOCOL_HEADER);
+                    self.phase = Phase::Closed;
+                    input.clear();
+                    return;
+                }
+                ProtocolHeader::Accepted => {
+                    input.advance(PROTOCOL_HEADER.len());
+                    self.send_start();
+                }
+            }
+        }
+        while self.phase != Phase::Closed {
+            // Until tune-ok the client has not agreed to a frame_max yet; our own maximum bounds
+            // what we accept from it.
+            let frame_max =
+                if self.phase == Phase::AwaitingStartOk || self.phase == Phase::AwaitingTuneOk {
+                    self.settings.limits.frame_max_bytes
+                } else {
+                    self.tuning.frame_max
+                };
+            match decode_frame(input, frame_max) {
+                Ok(None) => return,
+                Ok(Some(frame)) => self.handle_frame(frame),
+                Err(error) => {
+                    let amqp = AmqpError::from_frame_error(&error);
+                    self.fail_connection(&amqp);
+                    // The byte stream can no longer be trusted: close once the close is written.
+                    self.phase = Phase::Closed;
+                }
+            }
+        }
+        input.clear();
+    }
+
+    /// Starts a server-initiated close with 320 CONNECTION_FORCED (broker shutdown).
+    pub fn begin_shutdown(&mut self) {
+        match self.phase {
+            Phase::AwaitingProtocolHeader => self.phase = Phase::Closed,
+            Phase::Closing | Phase::Closed => {}
+            _ => {
+                let error = AmqpError::connection(
+                    ReplyCode::ConnectionForced,
+                    "broker forced connection closure with reason 'shutdown'",
+                );
+                self.send_method(0, &error.connection_close());
+                self.phase = Phase::Closing;
+            }
+        }
+    }
+
+    /// The peer did not answer our connection.close in time, or went silent: give up on it.
+    pub fn abandon(&mut self) {
+        self.phase = Phase::Closed;
+    }
+
+    fn send_method(&mut self, channel: u16, method: &Method) {
+        encode_method(&mut self.outbound, channel, method);
+    }
+
+    fn send_start(&mut self) {
+        let start = ConnectionStart {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: self.settings.server_properties.clone(),
+            mechanisms: LongStr::from_static(MECHANISMS),
+            locales: LongStr::from_static("en_US"),
+        };
+        self.send_method(0, &start.into());
+        self.phase = Phase::AwaitingStartOk;
+    }
+
+    /// Sends connection.close for `error` and waits for close-ok.
+    fn fail_connection(&mut self, error: &AmqpError) {
+        warn!(
+            "{} (user {:?}): closing connection: {error}",
+            self.peer,
+            self.user.as_deref().unwrap_or("-")
+        );
+        self.send_method(0, &error.connection_close());
+        self.phase = Phase::Closing;
+    }
+
+    fn fail(&mut self, channel: u16, error: AmqpError) {
+        match error.scope {
+            Scope::Connection => self.fail_connection(&error),
+            Scope::Channel => {
+                info!("{}: closing channel {channel}: {error}", self.peer);
+                self.send_method(channel, &error.channel_close());
+                self.channels.insert(channel, ChannelState::Closing);
+            }
+        }
+    }
+
+    fn handle_frame(&mut self, frame: Frame) {
+        let channel = frame.channel();
+        // connection.close is honoured in every phase once the header is through.
+        if let Frame::Method {
+            channel: 0,
+            method: Method::ConnectionClose(close),
+        } = &frame
+        {
+            debug!(
+                "{}: client closed the connection: {} {}",
+                self.peer, close.reply_code, close.reply_text
+            );
+            self.send_method(0, &ConnectionCloseOk {}.into());
+            self.phase = Phase::Closed;
+            return;
+        }
+        if matches!(frame, Frame::Heartbeat) {
+            return;
+        }
+        let result = match self.phase {
+            Phase::AwaitingStartOk => match frame {
+                Frame::Method {
+                    channel: 0,
+                    method: Method::ConnectionStartOk(start_ok),
+                } => self.handle_start_ok(start_ok),
+                other => Err(unexpected_in_handshake(&other, "connection.start-ok")),
+            },
+            Phase::AwaitingTuneOk => match frame {
+                Frame::Method {
+                    channel: 0,
+                    method: Method::ConnectionTuneOk(tune_ok),
+                } => self.handle_tune_ok(tune_ok),
+                other => Err(unexpected_in_handshake(&other, "connection.tune-ok")),
+            },
+            Phase::AwaitingOpen => match frame {
+                Frame::Method {
+                    channel: 0,
+                    method: Method::ConnectionOpen(open),
+                } => self.handle_open(open),
+                other => Err(unexpected_in_handshake(&other, "connection.open")),
+            },
+            Phase::Open => self.handle_open_frame(frame),
+            Phase::Closing => {
+                if let Frame::Method {
+                    channel: 0,
+                    method: Method::ConnectionCloseOk(_),
+                } = frame
+                {
+                    self.phase = Phase::Closed;
+                }
+                Ok(())
+            }
+            Phase::AwaitingProtocolHeader | Phase::Closed => Ok(()),
+        };
+        if let Err(error) = result {
+            self.fail(channel, error);
+        }
+    }
+
+    fn handle_start_ok(&mut self, start_ok: ConnectionStartOk) -> Result<(), AmqpError> {
+        self.client = ClientInfo::from_properties(&start_ok.client_properties);
+        let login = self.settings.directory.login(
+            start_ok.mechanism.as_bytes(),
+            start_ok.response.bytes(),
+            self.peer.ip(),
+        );
+        match login {
+            Ok(user) => {
+                self.user = Some(user);
+                let limits = &self.settings.limits;
+                let tune = ConnectionTune {
+                    channel_max: limits.channel_max,
+                    frame_max: limits.frame_max_bytes,
+                    heartbeat: limits.heartbeat_secs,
+                };
+                self.send_method(0, &tune.into());
+                self.phase = Phase::AwaitingTuneOk;
+                Ok(())
+            }
+            Err(reason) => {
+                warn!("{}: login refused: {reason}", self.peer);
+                Err(AmqpError::connection(
+                    ReplyCode::AccessRefused,
+                    format_args!(
+                        "Login was refused using authentication mechanism {}. \
+                         For details see the broker logfile.",
+                        start_ok.mechanism
+                    ),
+                )
+                .caused_by(&Method::ConnectionStartOk(ConnectionStartOk::default())))
+            }
+        }
+    }
+
+    fn handle_tune_ok(&mut self, tune_ok: ConnectionTuneOk) -> Result<(), AmqpError> {
+        let limits = &self.settings.limits;
+        let cause = Method::ConnectionTuneOk(tune_ok.clone());
+        let refuse = |detail: String| {
+            Err(AmqpError::connection(ReplyCode::NotAllowed, detail).caused_by(&cause))
+        };
+        // 0 means "no limit of the client's own": ours applies.
+        let channel_max = match tune_ok.channel_max {
+            0 => limits.channel_max,
+            n if n > limits.channel_max => {
+                return refuse(format!(
+                    "negotiated channel_max = {n} is higher than the maximum allowed value ({})",
+                    limits.channel_max
+                ))
+            }
+            n => n,
+        };
+        let frame_max = match tune_ok.frame_max {
+            0 => limits.frame_max_bytes,
+            n if n < FRAME_MIN_SIZE => {
+                return refuse(format!("frame_max={n} < {FRAME_MIN_SIZE} min size"))
+            }
+            n if n > limits.frame_max_bytes => {
+                return refuse(format!(
+                    "frame_max={n} > {} max size",
+                    limits.frame_max_bytes
+                ))
+            }
+            n => n,
+        };
+        self.tuning = Tuning {
+            channel_max,
+            frame_max,
+            heartbeat_secs: tune_ok.heartbeat,
+        };
+        self.phase = Phase::AwaitingOpen;
+        Ok(())
+    }
+
+    fn handle_open(&mut self, open: ConnectionOpen) -> Result<(), AmqpError> {
+        let vhost = open.virtual_host.to_str_lossy().into_owned();
+        let cause = Method::ConnectionOpen(open);
+        let directory = &self.settings.directory;
+        if !directory.vhost_exists(&vhost) {
+            return Err(AmqpError::connection(
+                ReplyCode::NotAllowed,
+                format_args!("vhost {vhost} not found"),
+            )
+            .caused_by(&cause));
+        }
+        let user = self.user.clone().unwrap_or_default();
+        if !directory.may_access(&user, &vhost) {
+            return Err(AmqpError::connection(
+                ReplyCode::NotAllowed,
+                format_args!("access to vhost '{vhost}' refused for user '{user}'"),
+            )
+            .caused_by(&cause));
+        }
+        self.send_method(0, &ConnectionOpenOk::default().into());
+        self.phase = Phase::Open;
+        info!(
+            "{}: connection opened (user '{user}', vhost '{vhost}', client {:?}{}, \
+             channel_max {}, frame_max {}, heartbeat {}s)",
+            self.peer,
+            self.client.product,
+            if self.client.connection_name.is_empty() {
+                String::new()
+            } else {
+                format!(" named {:?}", self.client.connection_name)
+            },
+            self.tuning.channel_max,
+            self.tuning.frame_max,
+            self.tuning.heartbeat_secs
+        );
+        self.vhost = Some(vhost);
+        Ok(())
+    }
+
+    fn handle_open_frame(&mut self, frame: Frame) -> Result<(), AmqpError> {
+        match frame {
+            Frame::Method { channel: 0, method } => self.handle_connection_method(method),
+            Frame::Method { channel, method } => self.handle_channel_frame_method(channel, method),
+            Frame::Header { channel, .. } | Frame::Body { channel, .. } => {
+                if channel != 0 && self.channels.get(&channel) == Some(&ChannelState::Closing) {
+                    return Ok(());
+                }
+                Err(AmqpError::connection(
+                    ReplyCode::UnexpectedFrame,
+                    format_args!(
+                        "expected method frame on channel {channel}, got non method frame instead"
+                    ),
+                ))
+            }
+            Frame::Heartbeat => Ok(()),
+        }
+    }
+
+    fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
+        match method {
+            // connection.close was handled before dispatch; a stray close-ok is harmless.
+            Method::ConnectionCloseOk(_) => Ok(()),
+            Method::ConnectionUpdateSecret(update) => {
+                let user = self.user.clone().unwrap_or_default();
+                let checked = self.settings.directory.check_password(
+                    &user,
+                    update.new_secret.as_bytes(),
+                    self.peer.ip(),
+                );
+                match checked {
+                    Ok(()) => {
+                        self.send_method(0, &ConnectionUpdateSecretOk {}.into());
+                        Ok(())
+                    }
+                    Err(reason) => {
+                        warn!("{}: update-secret refused: {reason}", self.peer);
+                        Err(AmqpError::connection(
+                            ReplyCode::AccessRefused,
+                            "new secret was refused",
+                        )
+                        .caused_by(&Method::ConnectionUpdateSecret(update)))
+                    }
+                }
+            }
+            other => Err(AmqpError::connection(
+                ReplyCode::CommandInvalid,
+                format_args!("unexpected method {} on channel 0", other.name()),
+            )
+            .caused_by(&other)),
+        }
+    }
+
+    fn handle_channel_frame_method(
+        &mut self,
+        channel: u16,
+        method: Method,
+    ) -> Result<(), AmqpError> {
+        if method.class_id() == 10 {
+            return Err(AmqpError::connection(
+                ReplyCode::CommandInvalid,
+                format_args!(
+                    "{} is only allowed on channel 0, got it on {channel}",
+                    method.name()
+                ),
+            )
+            .caused_by(&method));
+        }
+        match self.channels.get(&channel).copied() {
+            None => match method {
+                Method::ChannelOpen(_) => {
+                    if channel > self.tuning.channel_max {
+                        return Err(AmqpError::connection(
+                            ReplyCode::NotAllowed,
+                            format_args!(
+                                "channel number {channel} exceeds the negotiated channel_max {}",
+                                self.tuning.channel_max
+                            ),
+                        )
+                        .caused_by(&method));
+                    }
+                    self.channels
+                        .insert(channel, ChannelState::Open { flow_active: true });
+                    self.send_method(channel, &ChannelOpenOk::default().into());
+                    Ok(())
+                }
+                other => Err(AmqpError::connection(
+                    ReplyCode::ChannelError,
+                    format_args!(
+                        "expected 'channel.open' on channel {channel}, got '{}'",
+                        other.name()
+                    ),
+                )
+                .caused_by(&other)),
+            },
+            Some(ChannelState::Closing) => {
+                match method {
+                    Method::ChannelCloseOk(_) => {
+                        self.channels.remove(&channel);
+                    }
+                    Method::ChannelClose(_) => {
+                        self.send_method(channel, &ChannelCloseOk {}.into());
+                        self.channels.remove(&channel);
+                    }
+                    // Discarded until the client acknowledges our channel.close.
+                    _ => {}
+                }
+                Ok(())
+            }
+            Some(ChannelState::Open { .. }) => self.handle_channel_method(channel, method),
+        }
+    }
+
+    fn handle_channel_method(&mut self, channel: u16, method: Method) -> Result<(), AmqpError> {
+        match method {
+            Method::ChannelOpen(_) => Err(AmqpError::connection(
+                ReplyCode::ChannelError,
+                format_args!("second 'channel.open' seen on channel {channel}"),
+            )
+            .caused_by(&method)),
+            Method::ChannelClose(_) => {
+                self.send_method(channel, &ChannelCloseOk {}.into());
+                self.channels.remove(&channel);
+                Ok(())
+            }
+            // We never send channel.close without waiting, nor channel.flow: nothing to settle.
+            Method::ChannelCloseOk(_) | Method::ChannelFlowOk(_) => Ok(()),
+            Method::ChannelFlow(flow) => {
+                self.channels.insert(
+                    channel,
+                    ChannelState::Open {
+                        flow_active: flow.active,
+                    },
+                );
+                self.send_method(
+                    channel,
+                    &ChannelFlowOk {
+                        active: flow.active,
+                    }
+                    .into(),
+                );
+                Ok(())
+            }
+            other if sent_by_clients(&other) => Err(AmqpError::connection(
+                ReplyCode::NotImplemented,
+                format_args!("{} is not implemented yet", other.name()),
+            )
+            .caused_by(&other)),
+            other => Err(AmqpError::connection(
+                ReplyCode::CommandInvalid,
+                format_args!("{} is sent by servers, not clients", other.name()),
+            )
+            .caused_by(&other)),
+        }
+    }
+}
+
+fn unexpected_in_handshake(frame: &Frame, expected: &str) -> AmqpError {
+    match frame {
+        Frame::Method { method, .. } => AmqpError::connection(
+            ReplyCode::CommandInvalid,
+            format_args!("expected '{expected}', got '{}'", method.name()),
+        )
+        .caused_by(method),
+        _ => AmqpError::connection(
+            ReplyCode::UnexpectedFrame,
+            format_args!("expected '{expected}', got a content frame"),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,208 @@
+//! The mesh: a bounded single-producer single-consumer channel from every shard to every other
+//! (glommio's channel mesh), with a send that never blocks the caller.
+//!
+//! Deadlock avoidance: a shard never awaits room in a peer's channel on its message path. `send`
+//! tries the channel; when it is full the message waits in a small per-destination overflow queue
+//! that a background task drains in order, and `send` reports congestion once that queue is full
+//! so the caller can push back on its own input (stop reading a socket) instead of buffering
+//! without bound. Each shard drains its receiving channels in dedicated tasks, so a full channel
+//! always empties.
+//!
+//! Invariant: the mesh peer id of a shard equals its shard index (shards join in index order and
+//! start-up checks it), so a `ShardId` addresses the mesh directly.
+
+use std::cell::{Cell, RefCell};
+use std::collections::VecDeque;
+use std::fmt;
+use std::rc::Rc;
+
+use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
+use glommio::{GlommioError, ResourceType};
+use log::{debug, warn};
+use shards::{MeshMessage, ShardId};
+
+use super::sync::Notify;
+
+pub type MeshBuilderFull = MeshBuilder<MeshMessage, Full>;
+
+/// Why a message was not accepted; the message comes back.
+#[derive(Debug)]
+pub enum SendError {
+    /// The destination's channel and overflow queue are both full: push back on input.
+    Congested(MeshMessage),
+    /// The destination shard has stopped.
+    Closed(MeshMessage),
+    /// A shard sends to itself with a local call, never over the mesh.
+    ToSelf(MeshMessage),
+    /// The channel refused the message for another reason (it is gone with the error).
+    Refused(String),
+}
+
+impl fmt::Display for SendError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            SendError::Congested(_) => write!(f, "mesh channel congested"),
+            SendError::Closed(_) => write!(f, "destination shard stopped"),
+            SendError::ToSelf(_) => write!(f, "mesh send to self"),
+            SendError::Refused(reason) => write!(f, "mesh send refused: {reason}"),
+        }
+    }
+}
+
+pub struct Mesh {
+    shard: ShardId,
+    senders: Senders<MeshMessage>,
+    /// Messages that found their channel full, per destination, in send order.
+    overflow: RefCell<Vec<VecDeque<MeshMessage>>>,
+    overflow_max: usize,
+    flushing: Vec<Cell<bool>>,
+    /// Pongs received for the nonce of the last `ping_all`.
+    pongs: Cell<usize>,
+    ping_nonce: Cell<u64>,
+    pong_arrived: Notify,
+}
+
+impl Mesh {
+    /// Joins the mesh as shard `shard`; resolves once every shard has joined.
+    pub async fn join(
+        builder: MeshBuilderFull,
+        shard: ShardId,
+        overflow_max: usize,
+    ) -> Result<(Rc<Mesh>, Receivers<MeshMessage>), String> {
+        let shard_count = builder.nr_peers();
+        let (senders, receivers) = builder
+            .join()
+            .await
+            .map_err(|e| format!("{shard} could not join the mesh: {e}"))?;
+        if senders.peer_id() != shard.index() {
+            return Err(format!(
+                "{shard} joined the mesh as peer {}; shards must start in index order",
+                senders.peer_id()
+            ));
+        }
+        let mesh = Rc::new(Mesh {
+            shard,
+            senders,
+            overflow: RefCell::new((0..shard_count).map(|_| VecDeque::new()).collect()),
+            overflow_max,
+            flushing: (0..shard_count).map(|_| Cell::new(false)).collect(),
+            pongs: Cell::new(0),
+            ping_nonce: Cell::new(0),
+            pong_arrived: Notify::default(),
+        });
+        Ok((mesh, receivers))
+    }
+
+    pub fn shard(&self) -> ShardId {
+        self.shard
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.senders.nr_consumers()
+    }
+
+    /// Whether `send` to `to` would report congestion.
+    pub fn is_congested(&self, to: ShardId) -> bool {
+        self.overflow
+            .borrow()
+            .get(to.index())
+            .is_some_and(|queue| queue.len() >= self.overflow_max)
+    }
+
+    /// Sends without waiting. Order between two shards is kept.
+    pub fn send(self: &Rc<Self>, to: ShardId, message: MeshMessage) -> Result<(), SendError> {
+        if to == self.shard {
+            return Err(SendError::ToSelf(message));
+        }
+        let mut overflow = self.overflow.borrow_mut();
+        let Some(queue) = overflow.get_mut(to.index()) else {
+            return Err(SendError::Closed(message));
+        };
+        if !queue.is_empty() {
+            if queue.len() >= self.overflow_max {
+                return Err(SendError::Congested(message));
+            }
+            queue.push_back(message);
+            return Ok(());
+        }
+        match self.senders.try_send_to(to.index(), message) {
+            Ok(()) => Ok(()),
+            Err(GlommioError::WouldBlock(ResourceType::Channel(message))) => {
+                queue.push_back(message);
+                drop(overflow);
+                self.start_flusher(to);
+                Ok(())
+            }
+            Err(GlommioError::Closed(ResourceType::Channel(message))) => {
+                Err(SendError::Closed(message))
+            }
+            Err(other) => Err(SendError::Refused(other.to_string())),
+        }
+    }
+
+    fn start_flusher(self: &Rc<Self>, to: ShardId) {
+        let flag = &self.flushing[to.index()];
+        if flag.replace(true) {
+            return;
+        }
+        let mesh = self.clone();
+        glommio::spawn_local(async move {
+            loop {
+                let next = mesh.overflow.borrow_mut()[to.index()].pop_front();
+                let Some(message) = next else { break };
+                if mesh.senders.send_to(to.index(), message).await.is_err() {
+                    debug!("{}: {to} stopped; dropping its overflow", mesh.shard);
+                    mesh.overflow.borrow_mut()[to.index()].clear();
+                    break;
+                }
+            }
+            mesh.flushing[to.index()].set(false);
+        })
+        .detach();
+    }
+
+    /// Spawns one task per peer that drains its channel into this shard's mailbox.
+    pub fn serve(self: &Rc<Self>, mut receivers: Receivers<MeshMessage>) {
+        for (peer, receiver) in receivers.streams() {
+            let mesh = self.clone();
+            glommio::spawn_local(async move {
+                let from = ShardId(peer);
+                while let Some(message) = receiver.recv().await {
+                    match message {
+                        MeshMessage::Ping { nonce } => {
+                            if let Err(error) = mesh.send(from, MeshMessage::Pong { nonce }) {
+                                warn!("{}: cannot answer a ping from {from}: {error}", mesh.shard);
+                            }
+                        }
+                        MeshMessage::Pong { nonce } => {
+                            if nonce == mesh.ping_nonce.get() {
+                                mesh.pongs.set(mesh.pongs.get() + 1);
+                                mesh.pong_arrived.notify();
+                            }
+                        }
+                    }
+                }
+            })
+            .detach();
+        }
+    }
+
+    /// Pings every other shard and waits for all of them to answer: proof that every channel
+    /// from and to this shard works. Call after [`Mesh::serve`].
+    pub async fn ping_all(self: &Rc<Self>, nonce: u64) -> Result<(), String> {
+        self.ping_nonce.set(nonce);
+        self.pongs.set(0);
+        let peers: Vec<ShardId> = (0..self.shard_count())
+            .map(ShardId)
+            .filter(|peer| *peer != self.shard)
+            .collect();
+        for peer in &peers {
+            self.send(*peer, MeshMessage::Ping { nonce })
+                .map_err(|e| format!("{}: ping to {peer} failed: {e}", self.shard))?;
+        }
+        while self.pongs.get() < peers.len() {
+            self.pong_arrived.wait().await;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,466 @@
+//! The shards at run time: one glommio executor per shard pinned to one CPU, the AMQP listener
+//! on every shard, the mesh between them, start-up and graceful shutdown.
+//!
+//! Start-up, in order:
+//! 1. Shard 0 is spawned and binds the listen address (port 0 resolves to a free port here).
+//! 2. Shards 1..n are spawned, in index order, and bind the same address; glommio sets
+//!    SO_REUSEPORT, so the kernel spreads new connections over all shards and each connection
+//!    stays on the core that accepted it.
+//! 3. Every shard joins the mesh and pings every other shard; when all pongs are in, it reports
+//!    ready and starts accepting. [`Broker::start`] returns once every shard is ready.
+//!
+//! Shutdown: [`Broker::shutdown`] raises a flag each shard polls; the shard stops accepting,
+//! sends connection.close 320 CONNECTION_FORCED on every connection, waits up to
+//! `runtime.shutdown_grace_ms` for them to finish, shuts down the sockets still open, and exits.
+
+pub mod mesh;
+pub mod sync;
+
+use std::cell::{Cell, RefCell};
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use glommio::channels::channel_mesh::MeshBuilder;
+use glommio::net::TcpListener;
+use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
+use log::{debug, error, info, warn};
+use shards::ShardId;
+
+use crate::config::Config;
+use crate::connection::auth::Directory;
+use crate::connection::{Connection, ConnectionSettings};
+use mesh::{Mesh, MeshBuilderFull};
+use sync::Event;
+
+/// How long start-up waits for a shard to bind, join the mesh and answer pings.
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How often a shard looks at the process-wide shutdown flag.
+const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
+
+/// A running broker: its shards' threads and the address they listen on.
+pub struct Broker {
+    local_addr: SocketAddr,
+    shard_count: usize,
+    shutdown_requested: Arc<AtomicBool>,
+    shards: Vec<ExecutorJoinHandle<Result<(), String>>>,
+}
+
+/// The CPUs this process may run on (its affinity mask), in ascending order.
+fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is plain data; zeroed is a valid empty set, and sched_getaffinity writes
+    // at most size_of::<cpu_set_t>() bytes into it.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    let result =
+        unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if result != 0 {
+        let count = std::thread::available_parallelism().map_or(1, |n| n.get());
+        return (0..count).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: cpu < CPU_SETSIZE, the bound CPU_ISSET requires.
+        .filter(|cpu| unsafe { libc::CPU_ISSET(*cpu, &set) })
+        .collect()
+}
+
+/// Everything a shard thread needs; all of it is `Send`.
+struct ShardStart {
+    shard: ShardId,
+    config: Arc<Config>,
+    listen: SocketAddr,
+    mesh: MeshBuilderFull,
+    bound: Option<mpsc::Sender<Result<SocketAddr, String>>>,
+    ready: mpsc::Sender<Result<(), String>>,
+    shutdown_requested: Arc<AtomicBool>,
+}
+
+impl Broker {
+    /// Starts every shard and returns once all of them accept connections.
+    pub fn start(config: &Config) -> Result<Broker, String> {
+        let cpus = allowed_cpus();
+        let shard_count = if config.shards == 0 {
+            cpus.len().max(1)
+        } else {
+            config.shards
+        };
+        for index in 0..shard_count {
+            let dir = config.data_dir.join(format!("shard-{index}"));
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
+        }
+        let config = Arc::new(config.clone());
+        let shutdown_requested = Arc::new(AtomicBool::new(false));
+        let mesh = MeshBuilder::full(shard_count, config.runtime.mesh_channel_capacity);
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let mut broker = Broker {
+            local_addr: config.listen,
+            shard_count,
+            shutdown_requested: shutdown_requested.clone(),
+            shards: Vec::with_capacity(shard_count),
+        };
+        for index in 0..shard_count {
+            let (bound_tx, bound_rx) = mpsc::channel();
+            let start = ShardStart {
+                shard: ShardId(index),
+                config: config.clone(),
+                listen: broker.local_addr,
+                mesh: mesh.clone(),
+                bound: (index == 0).then_some(bound_tx),
+                ready: ready_tx.clone(),
+                shutdown_requested: shutdown_requested.clone(),
+            };
+            let cpu = cpus[index % cpus.len().max(1)];
+            let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
+                .name(&format!("shard-{index}"))
+                .io_memory(config.runtime.io_memory_bytes)
+                .spawn(move || run_shard(start));
+            match spawned {
+                Ok(handle) => broker.shards.push(handle),
+                Err(e) => {
+                    broker.abort();
+                    return Err(format!(
+                        "cannot start shard {index} on CPU {cpu}: {e}. Each shard locks \
+                         runtime.io_memory_bytes = {} for io_uring; all shards together must fit \
+                         `ulimit -l`",
+                        config.runtime.io_memory_bytes
+                    ));
+                }
+            }
+            if index == 0 {
+                match bound_rx.recv_timeout(START_TIMEOUT) {
+                    Ok(Ok(addr)) => broker.local_addr = addr,
+                    Ok(Err(e)) => {
+                        broker.abort();
+                        return Err(e);
+                    }
+                    Err(_) => {
+                        broker.abort();
+                        return Err("shard 0 did not bind its listener in time".into());
+                    }
+                }
+            }
+        }
+        for _ in 0..shard_count {
+            match ready_rx.recv_timeout(START_TIMEOUT) {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    broker.abort();
+                    return Err(e);
+                }
+                Err(_) => {
+                    broker.abort();
+                    return Err("a shard did not become ready in time".into());
+                }
+            }
+        }
+        info!(
+            "shardmq {} listening on {} with {shard_count} shards",
+            env!("CARGO_PKG_VERSION"),
+            broker.local_addr
+        );
+        Ok(broker)
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    /// Asks every shard to close its connections and stop. Returns at once; see [`Broker::join`].
+    pub fn shutdown(&self) {
+        self.shutdown_requested.store(true, Ordering::Release);
+    }
+
+    /// Waits for every shard to stop. Errors name each shard that failed.
+    pub fn join(self) -> Result<(), String> {
+        let mut errors = Vec::new();
+        for (index, handle) in self.shards.into_iter().enumerate() {
+            match handle.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => errors.push(format!("shard {index}: {e}")),
+                Err(e) => errors.push(format!("shard {index} panicked or failed: {e}")),
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(errors.join("; "))
+        }
+    }
+
+    fn abort(&mut self) {
+        self.shutdown();
+        // Shards that started wait at most START_TIMEOUT for their peers, then exit.
+        for handle in self.shards.drain(..) {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Waits for `future` at most `limit`.
+async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>) -> Option<T> {
+    futures_lite::future::or(async { Some(future.await) }, async {
+        glommio::timer::sleep(limit).await;
+        None
+    })
+    .await
+}
+
+/// One shard's state, shared by its tasks (never by other threads).
+struct Shard {
+    id: ShardId,
+    settings: Rc<ConnectionSettings>,
+    connections: RefCell<ahash::HashMap<u64, Rc<Connection>>>,
+    next_connection_id: Cell<u64>,
+    stopping: Event,
+}
+
+async fn run_shard(start: ShardStart) -> Result<(), String> {
+    let ShardStart {
+        shard,
+        config,
+        listen,
+        mesh,
+        bound,
+        ready,
+        shutdown_requested,
+    } = start;
+    let report = |result: Result<(), String>| {
+        let _ = ready.send(result.clone());
+        result
+    };
+    let listener = match TcpListener::bind(listen) {
+        Ok(listener) => listener,
+        Err(e) => {
+            let message = format!("{shard} cannot listen on {listen}: {e}");
+            if let Some(bound) = &bound {
+                let _ = bound.send(Err(message.clone()));
+            }
+            return report(Err(message));
+        }
+    };
+    if let Some(bound) = bound {
+        let addr = listener
+            .local_addr()
+            .map_err(|e| format!("{shard}: listener has no address: {e}"))?;
+        let _ = bound.send(Ok(addr));
+    }
+    let overflow_max = config.runtime.mesh_channel_capacity;
+    let (mesh, receivers) = match within(START_TIMEOUT, Mesh::join(mesh, shard, overflow_max)).await
+    {
+        Some(Ok(joined)) => joined,
+        Some(Err(e)) => return report(Err(e)),
+        None => return report(Err(format!("{shard}: other shards did not join the mesh"))),
+    };
+    mesh.serve(receivers);
+    match within(START_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
+        Some(Ok(())) => {}
+        Some(Err(e)) => return report(Err(e)),
+        None => return report(Err(format!("{shard}: peers did not answer pings"))),
+    }
+    debug!(
+        "{shard}: mesh up with {} shards, accepting on {listen}",
+        mesh.shard_count()
+    );
+    report(Ok(()))?;
+
+    let state = Rc::new(Shard {
+        id: shard,
+        settings: Rc::new(ConnectionSettings::new(
+            Directory::from_config(&config),
+            config.connection.clone(),
+        )),
+        connections: RefCell::new(ahash::HashMap::default()),
+        next_connection_id: Cell::new(0),
+        stopping: Event::default(),
+    });
+    let watcher = state.clone();
+    glommio::spawn_local(async move {
+        while !shutdown_requested.load(Ordering::Acquire) {
+            glommio::timer::sleep(SHUTDOWN_POLL).await;
+        }
+        watcher.stopping.set();
+    })
+    .detach();
+
+    accept_until_stopped(&state, &listener).await;
+    drop(listener);
+    close_all_connections(
+        &state,
+        Duration::from_millis(config.runtime.shutdown_grace_ms),
+    )
+    .await;
+    Ok(())
+}
+
+async fn accept_until_stopped(state: &Rc<Shard>, listener: &TcpListener) {
+    loop {
+        let accepted = futures_lite::future::or(async { Some(listener.accept().await) }, async {
+            state.stopping.wait().await;
+            None
+        })
+        .await;
+        let stream = match accepted {
+            None => return,
+            Some(Ok(stream)) => stream,
+            Some(Err(e)) => {
+                // Out of descriptors or memory: back off instead of spinning.
+                warn!("{}: accept failed: {e}", state.id);
+                glommio::timer::sleep(Duration::from_millis(10)).await;
+                continue;
+            }
+        };
+        let id = state.next_connection_id.get();
+        state.next_connection_id.set(id + 1);
+        let connection = match Connection::new(id, stream, state.settings.clone()) {
+            Ok(connection) => connection,
+            Err(e) => {
+                debug!("{}: dropped a connection at accept: {e}", state.id);
+                continue;
+            }
+        };
+        state
+            .connections
+            .borrow_mut()
+            .insert(id, connection.clone());
+        let owner = state.clone();
+        glommio::spawn_local(async move {
+            connection.run().await;
+            owner.connections.borrow_mut().remove(&id);
+        })
+        .detach();
+    }
+}
+
+async fn close_all_connections(state: &Rc<Shard>, grace: Duration) {
+    let connections: Vec<Rc<Connection>> = state.connections.borrow().values().cloned().collect();
+    if connections.is_empty() {
+        return;
+    }
+    info!(
+        "{}: closing {} connections for shutdown",
+        state.id,
+        connections.len()
+    );
+    for connection in &connections {
+        connection.begin_shutdown();
+    }
+    let deadline = Instant::now() + grace;
+    while connections.iter().any(|c| !c.is_finished()) && Instant::now() < deadline {
+        glommio::timer::sleep(Duration::from_millis(10)).await;
+    }
+    let stragglers: Vec<&Rc<Connection>> =
+        connections.iter().filter(|c| !c.is_finished()).collect();
+    if !stragglers.is_empty() {
+        error!(
+            "{}: {} connections did not close within {grace:?}; closing their sockets",
+            state.id,
+            stragglers.len()
+        );
+        for connection in &stragglers {
+            connection.force_close();
+        }
+        // Let their tasks see the closed sockets and log.
+        glommio::timer::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Two shards on two executors send each other messages through the mesh.
+    #[test]
+    fn mesh_carries_messages_between_two_shards() {
+        let builder: MeshBuilderFull = MeshBuilder::full(2, 4);
+        let handles: Vec<_> = (0..2)
+            .map(|index| {
+                let builder = builder.clone();
+                LocalExecutorBuilder::new(Placement::Unbound)
+                    .spawn(move || async move {
+                        let (mesh, receivers) =
+                            Mesh::join(builder, ShardId(index), 16).await.unwrap();
+                        mesh.serve(receivers);
+                        // Twice: the second round reuses the channels after the first drained.
+                        for round in 1..=2u64 {
+                            mesh.ping_all(round * 10 + index as u64).await.unwrap();
+                        }
+                        assert!(matches!(
+                            mesh.send(ShardId(index), shards::MeshMessage::Ping { nonce: 1 }),
+                            Err(mesh::SendError::ToSelf(_))
+                        ));
+                        // Keep serving until the peer finished its pings too.
+                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+    }
+
+    /// More messages than the channel holds are kept in order and all arrive.
+    #[test]
+    fn a_full_channel_overflows_in_order_then_reports_congestion() {
+        static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let builder: MeshBuilderFull = MeshBuilder::full(2, 2);
+        let handles: Vec<_> = (0..2)
+            .map(|index| {
+                let builder = builder.clone();
+                LocalExecutorBuilder::new(Placement::Unbound)
+                    .spawn(move || async move {
+                        let (mesh, mut receivers) =
+                            Mesh::join(builder, ShardId(index), 3).await.unwrap();
+                        if index == 0 {
+                            // Shard 1 does not read yet: the channel fills, then the overflow
+                            // queue (3), then sends are refused.
+                            let mut sent = 0u64;
+                            while sent < 1000 {
+                                match mesh
+                                    .send(ShardId(1), shards::MeshMessage::Pong { nonce: sent })
+                                {
+                                    Ok(()) => sent += 1,
+                                    Err(mesh::SendError::Congested(_)) => break,
+                                    Err(other) => panic!("{other}"),
+                                }
+                            }
+                            assert!(sent < 1000, "the mesh never reported congestion");
+                            assert!(mesh.is_congested(ShardId(1)));
+                            SENT.store(sent, std::sync::atomic::Ordering::SeqCst);
+                            drop(receivers);
+                            // Stay alive while the flusher drains the overflow.
+                            while mesh.is_congested(ShardId(1)) {
+                                glommio::timer::sleep(Duration::from_millis(5)).await;
+                            }
+                            glommio::timer::sleep(Duration::from_millis(200)).await;
+                        } else {
+                            glommio::timer::sleep(Duration::from_millis(50)).await;
+                            let sent = SENT.load(std::sync::atomic::Ordering::SeqCst);
+                            let mut nonces = Vec::new();
+                            for (_, receiver) in receivers.streams() {
+                                while (nonces.len() as u64) < sent {
+                                    match receiver.recv().await {
+                                        Some(shards::MeshMessage::Pong { nonce }) => {
+                                            nonces.push(nonce)
+                                        }
+                                        other => panic!("unexpected {other:?}"),
+                                    }
+                                }
+                            }
+                            assert_eq!(nonces, (0..sent).collect::<Vec<_>>());
+                        }
+                    })
+                    .unwrap()
+            })
+            .collect();
+        for handle in handles {
+            handle.join().unwrap();
+        }
+    }
+}

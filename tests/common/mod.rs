@@ -1,0 +1,228 @@
+//! The shared harness of the integration tests: start the real `shardmq` binary on a free
+//! loopback port with a temporary data directory, and stop it by PID when the test ends.
+//!
+//! Every wait is bounded, so a broken broker fails a test instead of hanging the suite.
+
+#![allow(dead_code)] // each test binary uses part of the harness
+
+pub mod raw;
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::SocketAddr;
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::{mpsc, Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tempfile::TempDir;
+
+/// How long the broker gets to print its listening address.
+const START_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Broker {
+    child: Child,
+    pub addr: SocketAddr,
+    data_dir: TempDir,
+    log: Arc<Mutex<String>>,
+}
+
+impl Broker {
+    /// A broker with the embedded default config, two shards, on a free port.
+    pub fn start() -> Broker {
+        Broker::start_with_config("")
+    }
+
+    /// A broker with `config_toml` laid over the embedded default.
+    pub fn start_with_config(config_toml: &str) -> Broker {
+        let data_dir = tempfile::tempdir().expect("temporary data dir");
+        let config_path = data_dir.path().join("test-config.toml");
+        std::fs::write(&config_path, config_toml).expect("write config");
+        let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
+            .arg("--config")
+            .arg(&config_path)
+            .args([
+                "--listen",
+                "127.0.0.1:0",
+                "--shards",
+                "2",
+                "--log-level",
+                "debug",
+            ])
+            .arg("--data-dir")
+            .arg(data_dir.path().join("data"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn shardmq");
+        let log = Arc::new(Mutex::new(String::new()));
+        let mut stderr = child.stderr.take().expect("stderr");
+        let stderr_log = log.clone();
+        std::thread::spawn(move || {
+            let mut chunk = [0u8; 4096];
+            while let Ok(n) = stderr.read(&mut chunk) {
+                if n == 0 {
+                    break;
+                }
+                stderr_log
+                    .lock()
+                    .unwrap()
+                    .push_str(&String::from_utf8_lossy(&chunk[..n]));
+            }
+        });
+        let stdout = child.stdout.take().expect("stdout");
+        let (addr_tx, addr_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.strip_prefix("shardmq listening on ") {
+                    let _ = addr_tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match addr_rx.recv_timeout(START_TIMEOUT) {
+            Ok(addr) => addr.parse().expect("listening address parses"),
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "shardmq did not start within {START_TIMEOUT:?}; its log:\n{}",
+                    log.lock().unwrap()
+                );
+            }
+        };
+        Broker {
+            child,
+            addr,
+            data_dir,
+            log,
+        }
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Everything the broker logged so far.
+    pub fn log(&self) -> String {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Sends `signal` to the broker process.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: kill(2) with the PID of a child we spawned and have not reaped.
+        let result = unsafe { libc::kill(self.child.id() as libc::pid_t, signal) };
+        assert_eq!(result, 0, "kill failed");
+    }
+
+    /// Waits up to `limit` for the process to exit.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- shardmq log ---\n{}", self.log());
+        }
+    }
+}
+
+/// Connection arguments for the default guest user.
+pub fn guest(broker: &Broker) -> amqprs::connection::OpenConnectionArguments {
+    amqprs::connection::OpenConnectionArguments::new("127.0.0.1", broker.port(), "guest", "guest")
+}
+
+/// Records the reply codes of connection.close and channel.close the broker sends.
+#[derive(Clone, Default)]
+pub struct CloseRecorder {
+    pub connection_codes: Arc<Mutex<Vec<(u16, String)>>>,
+}
+
+impl CloseRecorder {
+    pub fn codes(&self) -> Vec<u16> {
+        self.connection_codes
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(code, _)| *code)
+            .collect()
+    }
+
+    /// Waits up to `limit` for a connection.close to arrive; returns its code and text.
+    pub async fn wait_close(&self, limit: Duration) -> Option<(u16, String)> {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if let Some(close) = self.connection_codes.lock().unwrap().first() {
+                return Some(close.clone());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        None
+    }
+}
+
+#[async_trait::async_trait]
+impl amqprs::callbacks::ConnectionCallback for CloseRecorder {
+    async fn close(
+        &mut self,
+        _connection: &amqprs::connection::Connection,
+        close: amqprs::Close,
+    ) -> Result<(), amqprs::error::Error> {
+        self.connection_codes
+            .lock()
+            .unwrap()
+            .push((close.reply_code(), close.reply_text().to_string()));
+        Ok(())
+    }
+
+    async fn blocked(&mut self, _connection: &amqprs::connection::Connection, _reason: String) {}
+
+    async fn unblocked(&mut self, _connection: &amqprs::connection::Connection) {}
+
+    async fn secret_updated(&mut self, _connection: &amqprs::connection::Connection) {}
+}
+
+/// Opens a connection and a channel, proving the broker still serves clients.
+pub async fn assert_broker_serves(broker: &Broker) {
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        amqprs::connection::Connection::open(&guest(broker)),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let channel = connection.open_channel(None).await.expect("open a channel");
+    channel.close().await.expect("close the channel");
+    connection.close().await.expect("close the connection");
+}
+
+/// Opens a connection that the broker must refuse; returns the client's error text.
+pub async fn refused(arguments: &amqprs::connection::OpenConnectionArguments) -> String {
+    let attempt = tokio::time::timeout(
+        Duration::from_secs(10),
+        amqprs::connection::Connection::open(arguments),
+    )
+    .await
+    .expect("the broker answers in time");
+    match attempt {
+        Ok(_) => panic!("the broker accepted a connection it must refuse"),
+        Err(error) => error.to_string(),
+    }
+}
