@@ -19,7 +19,7 @@ async fn wrong_password_is_refused_with_403() {
         text.contains("403") || text.contains("ACCESS_REFUSED"),
         "{text}"
     );
-    assert!(broker.log().contains("login refused"), "{}", broker.log());
+    assert!(broker.log_contains("login refused"), "{}", broker.log());
     let channel = healthy
         .open_channel(None)
         .await

@@ -39,7 +39,7 @@ async fn client_connects_opens_channels_and_closes_cleanly() {
     }
     connection.close().await.expect("close connection");
     assert!(
-        broker.log().contains("connection opened"),
+        broker.log_contains("connection opened"),
         "{}",
         broker.log()
     );

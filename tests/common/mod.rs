@@ -110,6 +110,18 @@ impl Broker {
         self.log.lock().unwrap().clone()
     }
 
+    /// Waits up to 5 s for `needle` to appear in the log (it is read by another thread).
+    pub fn log_contains(&self, needle: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if self.log.lock().unwrap().contains(needle) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        false
+    }
+
     /// Sends `signal` to the broker process.
     pub fn signal(&self, signal: i32) {
         // SAFETY: kill(2) with the PID of a child we spawned and have not reaped.
