@@ -67,10 +67,15 @@ fn main() -> ExitCode {
     println!("shardmq listening on {}", broker.local_addr());
     let _ = std::io::stdout().flush();
 
-    if let Some(signal) = signals.forever().next() {
-        info!("signal {signal} received: shutting down");
-    }
-    broker.shutdown();
+    let shutdown = broker.shutdown_handle();
+    std::thread::spawn(move || {
+        if let Some(signal) = signals.forever().next() {
+            info!("signal {signal} received: shutting down");
+            shutdown.shutdown();
+        }
+    });
+    // Returns when every shard has stopped: after a signal, or at once if a shard fails (it
+    // stops the others).
     match broker.join() {
         Ok(()) => {
             info!("shut down cleanly");

@@ -38,11 +38,7 @@ async fn client_connects_opens_channels_and_closes_cleanly() {
         channel.close().await.expect("close channel");
     }
     connection.close().await.expect("close connection");
-    assert!(
-        broker.log_contains("connection opened"),
-        "{}",
-        broker.log()
-    );
+    assert!(broker.log_contains("connection opened"), "{}", broker.log());
 }
 
 #[tokio::test]

@@ -102,11 +102,7 @@ async fn a_silent_peer_is_disconnected_after_two_heartbeat_intervals() {
         elapsed >= Duration::from_millis(1900),
         "closed too early: {elapsed:?}"
     );
-    assert!(
-        broker.log_contains("missed heartbeats"),
-        "{}",
-        broker.log()
-    );
+    assert!(broker.log_contains("missed heartbeats"), "{}", broker.log());
     let channel = healthy.open_channel(None).await.expect("healthy works");
     channel.close().await.unwrap();
     healthy.close().await.unwrap();

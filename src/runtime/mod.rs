@@ -65,6 +65,32 @@ fn allowed_cpus() -> Vec<usize> {
         .collect()
 }
 
+/// Stops the broker from any thread.
+#[derive(Clone)]
+pub struct ShutdownHandle(Arc<AtomicBool>);
+
+impl ShutdownHandle {
+    pub fn shutdown(&self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// Dropped when a shard's main future ends, normally or by a panic unwinding it. A shard that
+/// ends without a shutdown having been asked for takes the whole broker down with it, so a half
+/// broker never keeps serving.
+struct ShardExitGuard {
+    shard: ShardId,
+    shutdown_requested: Arc<AtomicBool>,
+}
+
+impl Drop for ShardExitGuard {
+    fn drop(&mut self) {
+        if !self.shutdown_requested.swap(true, Ordering::AcqRel) {
+            error!("{} stopped unexpectedly; stopping the broker", self.shard);
+        }
+    }
+}
+
 /// Everything a shard thread needs; all of it is `Send`.
 struct ShardStart {
     shard: ShardId,
@@ -173,7 +199,12 @@ impl Broker {
 
     /// Asks every shard to close its connections and stop. Returns at once; see [`Broker::join`].
     pub fn shutdown(&self) {
-        self.shutdown_requested.store(true, Ordering::Release);
+        self.shutdown_handle().shutdown();
+    }
+
+    /// A handle another thread (a signal handler's) can use to stop the broker.
+    pub fn shutdown_handle(&self) -> ShutdownHandle {
+        ShutdownHandle(self.shutdown_requested.clone())
     }
 
     /// Waits for every shard to stop. Errors name each shard that failed.
@@ -230,6 +261,10 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         ready,
         shutdown_requested,
     } = start;
+    let _exit_guard = ShardExitGuard {
+        shard,
+        shutdown_requested: shutdown_requested.clone(),
+    };
     let report = |result: Result<(), String>| {
         let _ = ready.send(result.clone());
         result
