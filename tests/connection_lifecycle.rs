@@ -42,6 +42,17 @@ async fn client_connects_opens_channels_and_closes_cleanly() {
 }
 
 #[tokio::test]
+async fn channel_flow_is_acknowledged() {
+    let broker = Broker::start();
+    let connection = Connection::open(&guest(&broker)).await.expect("connect");
+    let channel = connection.open_channel(None).await.expect("channel");
+    assert!(!channel.flow(false).await.expect("flow-ok"));
+    assert!(channel.flow(true).await.expect("flow-ok"));
+    channel.close().await.expect("close");
+    connection.close().await.expect("close");
+}
+
+#[tokio::test]
 async fn many_connections_spread_over_the_shards_work_at_once() {
     let broker = Broker::start();
     let mut connections = Vec::new();
@@ -78,6 +89,19 @@ async fn heartbeats_keep_an_idle_connection_alive() {
     // connection open.
     tokio::time::sleep(Duration::from_millis(3500)).await;
     assert!(connection.is_open());
+    let channel = connection.open_channel(None).await.expect("still usable");
+    channel.close().await.expect("close");
+    connection.close().await.expect("close");
+}
+
+#[tokio::test]
+async fn update_secret_with_the_current_password_is_accepted() {
+    let broker = Broker::start();
+    let connection = Connection::open(&guest(&broker)).await.expect("connect");
+    connection
+        .update_secret("guest", "rotation")
+        .await
+        .expect("update-secret-ok");
     let channel = connection.open_channel(None).await.expect("still usable");
     channel.close().await.expect("close");
     connection.close().await.expect("close");
