@@ -10,6 +10,7 @@
 //!
 //! The shard engine (queues, storage) lives in the `shards` crate.
 
+pub mod broker;
 pub mod cli;
 pub mod codec;
 pub mod config;

@@ -309,9 +309,13 @@ impl FieldTable {
     }
 
     pub fn get(&self, name: &str) -> Option<&FieldValue> {
+        self.get_bytes(name.as_bytes())
+    }
+
+    pub fn get_bytes(&self, name: &[u8]) -> Option<&FieldValue> {
         self.0
             .iter()
-            .find(|(n, _)| n.as_bytes() == name.as_bytes())
+            .find(|(n, _)| n.as_bytes() == name)
             .map(|(_, v)| v)
     }
 

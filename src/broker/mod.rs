@@ -1,0 +1,8 @@
+//! The AMQP model on top of the shards: routing tables, metadata changes, and (as the messaging
+//! work lands) the per-channel delivery state.
+//!
+//! - [`routing`]: one vhost's exchanges, bindings and queue placements, as every shard holds them.
+//! - [`topic`]: the trie topic exchanges match with.
+
+pub mod routing;
+pub mod topic;
