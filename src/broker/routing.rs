@@ -307,9 +307,9 @@ pub fn headers_match(binding: &FieldTable, headers: &FieldTable) -> bool {
             None => false,
         };
     if any {
-        considered.any(|entry| entry_matches(entry))
+        considered.any(entry_matches)
     } else {
-        considered.all(|entry| entry_matches(entry))
+        considered.all(entry_matches)
     }
 }
 
