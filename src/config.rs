@@ -27,6 +27,21 @@ pub struct Config {
     pub users: Vec<UserConfig>,
     pub runtime: RuntimeConfig,
     pub connection: ConnectionConfig,
+    pub queues: QueuesConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum QueuePlacement {
+    ClientLocal,
+    Balanced,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueuesConfig {
+    pub placement: QueuePlacement,
+    pub consumer_window_messages: u32,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -58,6 +73,7 @@ pub struct ConnectionConfig {
     pub close_timeout_ms: u64,
     pub outbound_buffer_bytes_max: usize,
     pub read_chunk_bytes: usize,
+    pub message_bytes_max: u64,
 }
 
 /// Values given on the command line; `None` keeps the file's value.
@@ -158,6 +174,9 @@ impl Config {
             return fail(
                 "connection.outbound_buffer_bytes_max must hold at least one frame".into(),
             );
+        }
+        if self.queues.consumer_window_messages == 0 {
+            return fail("queues.consumer_window_messages must be at least 1".into());
         }
         if self.runtime.mesh_channel_capacity == 0 {
             return fail("runtime.mesh_channel_capacity must be at least 1".into());

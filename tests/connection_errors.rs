@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use amqprs::channel::ExchangeDeclareArguments;
+use amqprs::channel::BasicQosArguments;
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use common::{assert_broker_serves, guest, refused, Broker, CloseRecorder};
 
@@ -81,7 +81,7 @@ vhosts = ["staging"]
 }
 
 #[tokio::test]
-async fn methods_not_implemented_yet_close_the_connection_with_540() {
+async fn unsupported_qos_prefetch_size_closes_the_connection_with_540() {
     let broker = Broker::start();
     let healthy = Connection::open(&guest(&broker)).await.expect("connect");
     let connection = Connection::open(&guest(&broker)).await.expect("connect");
@@ -93,7 +93,7 @@ async fn methods_not_implemented_yet_close_the_connection_with_540() {
     let channel = connection.open_channel(None).await.expect("channel");
     let _ = tokio::time::timeout(
         Duration::from_secs(5),
-        channel.exchange_declare(ExchangeDeclareArguments::new("x", "direct")),
+        channel.basic_qos(BasicQosArguments::new(1024, 10, false)),
     )
     .await;
     let (code, text) = recorder
@@ -101,7 +101,7 @@ async fn methods_not_implemented_yet_close_the_connection_with_540() {
         .await
         .expect("connection.close from the broker");
     assert_eq!(code, 540, "{text}");
-    assert!(text.contains("exchange.declare"), "{text}");
+    assert!(text.contains("prefetch_size"), "{text}");
     let channel = healthy
         .open_channel(None)
         .await

@@ -1,16 +1,35 @@
 //! The shard engine: everything one core owns.
 //!
-//! A shard owns a set of queues (their messages, consumers' delivery state, and — with the
-//! durability work — their write-ahead log and segment files) and talks to other shards only
-//! through typed messages on the mesh. This crate knows messages, not sockets: it has no
-//! networking and no AMQP framing, and it does not depend on glommio, so the engine can run under
-//! a deterministic test harness as well as on a pinned executor.
+//! A shard owns a set of queues (their messages and their consumers' delivery state, and — with
+//! the durability work — their write-ahead log and segment files). This crate knows messages,
+//! not sockets: it has no networking, no AMQP framing and no glommio, so the engine runs the same
+//! under unit tests and a deterministic harness as on a pinned executor.
 //!
 //! Invariants:
 //! - A queue is owned by exactly one shard; only that shard mutates it.
-//! - Shards share no mutable memory; everything that crosses cores is a [`mesh::MeshMessage`],
-//!   plain data that is `Send` (bodies as refcounted `bytes::Bytes`, never copied).
+//! - Everything that crosses cores is plain `Send` data; bodies are refcounted `bytes::Bytes`,
+//!   never copied.
 
-pub mod mesh;
+pub mod message;
+pub mod queue;
 
-pub use mesh::{MeshMessage, ShardId};
+use std::fmt;
+
+pub use message::Message;
+pub use queue::{ChannelKey, ConsumerKey, Credit, Delivery, MessageId, Queue};
+
+/// A shard's index: 0..shard_count, stable for the life of the process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ShardId(pub usize);
+
+impl ShardId {
+    pub fn index(self) -> usize {
+        self.0
+    }
+}
+
+impl fmt::Display for ShardId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "shard-{}", self.0)
+    }
+}

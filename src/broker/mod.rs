@@ -4,5 +4,10 @@
 //! - [`routing`]: one vhost's exchanges, bindings and queue placements, as every shard holds them.
 //! - [`topic`]: the trie topic exchanges match with.
 
+pub mod coordinator;
+pub mod messages;
+pub mod oneshot;
 pub mod routing;
+pub mod session;
+pub mod shard;
 pub mod topic;

@@ -24,7 +24,9 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
-use super::machine::{ConnectionMachine, ConnectionSettings, Phase};
+use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
+use crate::broker::session::Session;
+use crate::broker::shard::ShardBroker;
 use crate::runtime::sync::{Event, Notify};
 
 /// One live connection, as its shard sees it.
@@ -32,10 +34,12 @@ pub struct Connection {
     pub id: u64,
     stream: RefCell<TcpStream>,
     fd: RawFd,
-    machine: RefCell<ConnectionMachine>,
+    machine: Rc<RefCell<ConnectionMachine>>,
     settings: Rc<ConnectionSettings>,
+    shard: Rc<ShardBroker>,
+    session: Rc<Session>,
     /// Set when the machine has bytes to write or the connection is ending.
-    write_wanted: Notify,
+    write_wanted: Rc<Notify>,
     /// Set when the writer finished a write (the reader may be waiting for room).
     drained: Notify,
     /// Bytes the writer holds but has not written yet.
@@ -75,18 +79,33 @@ impl Connection {
         id: u64,
         stream: TcpStream,
         settings: Rc<ConnectionSettings>,
+        shard: Rc<ShardBroker>,
+        consumer_window: u32,
     ) -> io::Result<Rc<Connection>> {
         let peer = stream.peer_addr()?;
         stream.set_nodelay(true)?;
         let fd = stream.as_raw_fd();
         let now = Instant::now();
+        let machine = Rc::new(RefCell::new(ConnectionMachine::new(settings.clone(), peer)));
+        let write_wanted = Rc::new(Notify::default());
+        let session = Session::new(
+            shard.clone(),
+            id,
+            machine.clone(),
+            write_wanted.clone(),
+            consumer_window,
+            settings.limits.outbound_buffer_bytes_max,
+        );
+        shard.register_connection(id, session.clone());
         Ok(Rc::new(Connection {
             id,
             stream: RefCell::new(stream),
             fd,
-            machine: RefCell::new(ConnectionMachine::new(settings.clone(), peer)),
+            machine,
             settings,
-            write_wanted: Notify::default(),
+            shard,
+            session,
+            write_wanted,
             drained: Notify::default(),
             in_flight_bytes: Cell::new(0),
             reader_done: Cell::new(false),
@@ -127,6 +146,7 @@ impl Connection {
         self.reader_done.set(true);
         self.write_wanted.notify();
         writer.await;
+        self.session.connection_closed();
         self.finished.set();
         let machine = self.machine.borrow();
         info!(
@@ -149,8 +169,19 @@ impl Connection {
         let limit = self.settings.limits.outbound_buffer_bytes_max;
         let mut input = BytesMut::with_capacity(chunk);
         while self.phase() != Phase::Closed {
-            while self.pending_outbound_bytes() > limit && self.phase() != Phase::Closed {
-                self.drained.wait().await;
+            // Back-pressure: stop reading while the client does not read what we send, or
+            // while our mesh outbox is not draining.
+            loop {
+                if self.phase() == Phase::Closed {
+                    return;
+                }
+                if self.pending_outbound_bytes() > limit {
+                    self.drained.wait().await;
+                } else if self.shard.is_backlogged() {
+                    self.shard.outbox_drained.wait().await;
+                } else {
+                    break;
+                }
             }
             let filled = input.len();
             input.resize(filled + chunk, 0);
@@ -169,9 +200,15 @@ impl Connection {
                 }
             }
             self.last_read.set(Instant::now());
-            let mut machine = self.machine.borrow_mut();
-            machine.receive(&mut input);
-            if !machine.outbound().is_empty() {
+            loop {
+                let next = self.machine.borrow_mut().receive(&mut input);
+                match next {
+                    None => break,
+                    Some(Input::Command(command)) => self.session.execute(command).await,
+                    Some(Input::ChannelClosed(channel)) => self.session.channel_closed(channel),
+                }
+            }
+            if !self.machine.borrow_mut().outbound().is_empty() {
                 self.write_wanted.notify();
             }
         }
@@ -213,6 +250,7 @@ impl Connection {
             self.in_flight_bytes.set(0);
             self.last_write.set(Instant::now());
             self.drained.notify();
+            self.session.on_drained();
             if let Err(error) = result {
                 debug!("{}: write failed: {error}", self.machine.borrow().peer());
                 self.machine.borrow_mut().abandon();

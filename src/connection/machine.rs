@@ -28,17 +28,17 @@
 use std::net::SocketAddr;
 use std::rc::Rc;
 
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, Bytes, BytesMut};
 use log::{debug, info, warn};
 
 use super::auth::{Directory, MECHANISMS};
 use super::error::{AmqpError, Scope};
 use crate::codec::{
-    check_protocol_header, decode_frame, encode_heartbeat, encode_method, ChannelCloseOk,
-    ChannelFlowOk, ChannelOpenOk, ConnectionCloseOk, ConnectionOpen, ConnectionOpenOk,
-    ConnectionStart, ConnectionStartOk, ConnectionTune, ConnectionTuneOk, ConnectionUpdateSecretOk,
-    FieldTable, FieldValue, Frame, LongStr, Method, ProtocolHeader, ReplyCode, ShortStr,
-    FRAME_MIN_SIZE, PROTOCOL_HEADER,
+    check_protocol_header, decode_frame, encode_content, encode_heartbeat, encode_method,
+    ChannelCloseOk, ChannelFlowOk, ChannelOpenOk, ConnectionCloseOk, ConnectionOpen,
+    ConnectionOpenOk, ConnectionStart, ConnectionStartOk, ConnectionTune, ConnectionTuneOk,
+    ConnectionUpdateSecretOk, ContentHeader, FieldTable, FieldValue, Frame, LongStr, Method,
+    ProtocolHeader, ReplyCode, ShortStr, FRAME_MIN_SIZE, PROTOCOL_HEADER,
 };
 use crate::config::ConnectionConfig;
 
@@ -110,13 +110,91 @@ pub struct Tuning {
     pub heartbeat_secs: u16,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The open variant carries a message being assembled inline: boxing it would cost an
+/// allocation per published message, and a channel table holds few entries.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
 enum ChannelState {
     Open {
         flow_active: bool,
+        /// A content-carrying method whose header and body are still arriving.
+        content: Option<PendingContent>,
     },
     /// We sent channel.close and wait for close-ok.
     Closing,
+}
+
+#[derive(Debug)]
+struct PendingContent {
+    method: Method,
+    header: Option<ContentHeader>,
+    body: Body,
+}
+
+/// A body arriving in frames: one frame stays a zero-copy slice, more are joined.
+#[derive(Debug)]
+enum Body {
+    Empty,
+    One(Bytes),
+    Many(BytesMut),
+}
+
+impl Body {
+    fn len(&self) -> usize {
+        match self {
+            Body::Empty => 0,
+            Body::One(bytes) => bytes.len(),
+            Body::Many(bytes) => bytes.len(),
+        }
+    }
+
+    fn push(&mut self, payload: Bytes) {
+        *self = match std::mem::replace(self, Body::Empty) {
+            Body::Empty => Body::One(payload),
+            Body::One(first) => {
+                let mut joined = BytesMut::with_capacity(first.len() + payload.len());
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&payload);
+                Body::Many(joined)
+            }
+            Body::Many(mut joined) => {
+                joined.extend_from_slice(&payload);
+                Body::Many(joined)
+            }
+        };
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match self {
+            Body::Empty => Bytes::new(),
+            Body::One(bytes) => bytes,
+            Body::Many(bytes) => bytes.freeze(),
+        }
+    }
+}
+
+/// A method (with its content, for basic.publish) for the broker layer to carry out.
+#[derive(Debug)]
+pub struct Command {
+    pub channel: u16,
+    pub method: Method,
+    pub content: Option<Content>,
+}
+
+#[derive(Debug)]
+pub struct Content {
+    pub header: ContentHeader,
+    pub body: Bytes,
+}
+
+/// What the machine hands the broker layer. Moved once, straight to the session.
+#[allow(clippy::large_enum_variant)]
+#[derive(Debug)]
+pub enum Input {
+    Command(Command),
+    /// A channel ended (closed by the client, or by an error the machine raised): everything the
+    /// broker layer keeps for it must be released.
+    ChannelClosed(u16),
 }
 
 /// What the client told us about itself in connection.start-ok.
@@ -244,6 +322,20 @@ impl ConnectionMachine {
         &self.client
     }
 
+    /// The authenticated user, once start-ok succeeded.
+    pub fn user(&self) -> Option<&str> {
+        self.user.as_deref()
+    }
+
+    /// The vhost connection.open selected.
+    pub fn vhost(&self) -> Option<&str> {
+        self.vhost.as_deref()
+    }
+
+    pub fn frame_max(&self) -> u32 {
+        self.tuning.frame_max
+    }
+
     pub fn open_channel_count(&self) -> usize {
         self.channels.len()
     }
@@ -252,7 +344,7 @@ impl ConnectionMachine {
     /// active=false); `None` when it is not open.
     pub fn channel_flow_active(&self, channel: u16) -> Option<bool> {
         match self.channels.get(&channel)? {
-            ChannelState::Open { flow_active } => Some(*flow_active),
+            ChannelState::Open { flow_active, .. } => Some(*flow_active),
             ChannelState::Closing => None,
         }
     }
@@ -288,11 +380,13 @@ impl ConnectionMachine {
         )
     }
 
-    /// Processes every whole frame in `input`, leaving a partial frame for the next call.
-    pub fn receive(&mut self, input: &mut BytesMut) {
+    /// Processes whole frames from `input` until one needs the broker layer: returns it, with the
+    /// rest of `input` left for the next call. `None`: everything was handled and what is left (a
+    /// partial frame at most) needs more bytes.
+    pub fn receive(&mut self, input: &mut BytesMut) -> Option<Input> {
         if self.phase == Phase::AwaitingProtocolHeader {
             match check_protocol_header(input) {
-                ProtocolHeader::NeedMore => return,
+                ProtocolHeader::NeedMore => return None,
                 ProtocolHeader::Refused => {
                     info!(
                         "{}: refused connection: not an AMQP 0-9-1 protocol header",
@@ -301,7 +395,7 @@ impl ConnectionMachine {
                     self.outbound.extend_from_slice(&PROTOCOL_HEADER);
                     self.phase = Phase::Closed;
                     input.clear();
-                    return;
+                    return None;
                 }
                 ProtocolHeader::Accepted => {
                     input.advance(PROTOCOL_HEADER.len());
@@ -319,8 +413,12 @@ impl ConnectionMachine {
                     self.tuning.frame_max
                 };
             match decode_frame(input, frame_max) {
-                Ok(None) => return,
-                Ok(Some(frame)) => self.handle_frame(frame),
+                Ok(None) => return None,
+                Ok(Some(frame)) => {
+                    if let Some(handed_over) = self.handle_frame(frame) {
+                        return Some(handed_over);
+                    }
+                }
                 Err(error) => {
                     let amqp = AmqpError::from_frame_error(&error);
                     self.fail_connection(&amqp);
@@ -330,6 +428,7 @@ impl ConnectionMachine {
             }
         }
         input.clear();
+        None
     }
 
     /// Starts a server-initiated close with 320 CONNECTION_FORCED (broker shutdown).
@@ -353,8 +452,31 @@ impl ConnectionMachine {
         self.phase = Phase::Closed;
     }
 
-    fn send_method(&mut self, channel: u16, method: &Method) {
+    pub fn send_method(&mut self, channel: u16, method: &Method) {
         encode_method(&mut self.outbound, channel, method);
+    }
+
+    /// A content-carrying method (deliver, get-ok, return) with its header and body frames.
+    pub fn send_content(&mut self, channel: u16, method: &Method, properties: &[u8], body: &[u8]) {
+        encode_content(
+            &mut self.outbound,
+            channel,
+            method,
+            properties,
+            body,
+            self.tuning.frame_max,
+        );
+    }
+
+    /// Whether `channel` is open (not closing, not closed).
+    pub fn is_channel_open(&self, channel: u16) -> bool {
+        matches!(self.channels.get(&channel), Some(ChannelState::Open { .. }))
+    }
+
+    /// Raises `error` on `channel`: a channel error closes the channel (the broker layer cleans
+    /// up its own state for it), a connection error the connection.
+    pub fn raise(&mut self, channel: u16, error: AmqpError) {
+        self.fail(channel, error);
     }
 
     fn send_start(&mut self) {
@@ -384,6 +506,9 @@ impl ConnectionMachine {
         match error.scope {
             Scope::Connection => self.fail_connection(&error),
             Scope::Channel => {
+                if !self.is_channel_open(channel) {
+                    return;
+                }
                 info!("{}: closing channel {channel}: {error}", self.peer);
                 self.send_method(channel, &error.channel_close());
                 self.channels.insert(channel, ChannelState::Closing);
@@ -391,7 +516,7 @@ impl ConnectionMachine {
         }
     }
 
-    fn handle_frame(&mut self, frame: Frame) {
+    fn handle_frame(&mut self, frame: Frame) -> Option<Input> {
         let channel = frame.channel();
         // connection.close is honoured in every phase once the header is through.
         if let Frame::Method {
@@ -405,31 +530,31 @@ impl ConnectionMachine {
             );
             self.send_method(0, &ConnectionCloseOk {}.into());
             self.phase = Phase::Closed;
-            return;
+            return None;
         }
         if matches!(frame, Frame::Heartbeat) {
-            return;
+            return None;
         }
         let result = match self.phase {
             Phase::AwaitingStartOk => match frame {
                 Frame::Method {
                     channel: 0,
                     method: Method::ConnectionStartOk(start_ok),
-                } => self.handle_start_ok(start_ok),
+                } => self.handle_start_ok(start_ok).map(|()| None),
                 other => Err(unexpected_in_handshake(&other, "connection.start-ok")),
             },
             Phase::AwaitingTuneOk => match frame {
                 Frame::Method {
                     channel: 0,
                     method: Method::ConnectionTuneOk(tune_ok),
-                } => self.handle_tune_ok(tune_ok),
+                } => self.handle_tune_ok(tune_ok).map(|()| None),
                 other => Err(unexpected_in_handshake(&other, "connection.tune-ok")),
             },
             Phase::AwaitingOpen => match frame {
                 Frame::Method {
                     channel: 0,
                     method: Method::ConnectionOpen(open),
-                } => self.handle_open(open),
+                } => self.handle_open(open).map(|()| None),
                 other => Err(unexpected_in_handshake(&other, "connection.open")),
             },
             Phase::Open => self.handle_open_frame(frame),
@@ -441,12 +566,18 @@ impl ConnectionMachine {
                 {
                     self.phase = Phase::Closed;
                 }
-                Ok(())
+                Ok(None)
             }
-            Phase::AwaitingProtocolHeader | Phase::Closed => Ok(()),
+            Phase::AwaitingProtocolHeader | Phase::Closed => Ok(None),
         };
-        if let Err(error) = result {
-            self.fail(channel, error);
+        match result {
+            Ok(input) => input,
+            Err(error) => {
+                let closes_open_channel =
+                    error.scope == Scope::Channel && self.is_channel_open(channel);
+                self.fail(channel, error);
+                closes_open_channel.then_some(Input::ChannelClosed(channel))
+            }
         }
     }
 
@@ -563,23 +694,128 @@ impl ConnectionMachine {
         Ok(())
     }
 
-    fn handle_open_frame(&mut self, frame: Frame) -> Result<(), AmqpError> {
+    fn handle_open_frame(&mut self, frame: Frame) -> Result<Option<Input>, AmqpError> {
         match frame {
-            Frame::Method { channel: 0, method } => self.handle_connection_method(method),
+            Frame::Method { channel: 0, method } => {
+                self.handle_connection_method(method).map(|()| None)
+            }
             Frame::Method { channel, method } => self.handle_channel_frame_method(channel, method),
-            Frame::Header { channel, .. } | Frame::Body { channel, .. } => {
-                if channel != 0 && self.channels.get(&channel) == Some(&ChannelState::Closing) {
-                    return Ok(());
-                }
+            Frame::Header { channel: 0, .. } | Frame::Body { channel: 0, .. } => {
                 Err(AmqpError::connection(
                     ReplyCode::UnexpectedFrame,
-                    format_args!(
-                        "expected method frame on channel {channel}, got non method frame instead"
-                    ),
+                    "expected method frame on channel 0, got non method frame instead",
                 ))
             }
-            Frame::Heartbeat => Ok(()),
+            Frame::Header { channel, header } => self.handle_content_header(channel, header),
+            Frame::Body { channel, payload } => self.handle_content_body(channel, payload),
+            Frame::Heartbeat => Ok(None),
         }
+    }
+
+    fn pending_content(&mut self, channel: u16) -> Result<Option<&mut PendingContent>, AmqpError> {
+        match self.channels.get_mut(&channel) {
+            // Discarded until the client acknowledges our channel.close.
+            Some(ChannelState::Closing) => Ok(None),
+            Some(ChannelState::Open {
+                content: Some(content),
+                ..
+            }) => Ok(Some(content)),
+            _ => Err(AmqpError::connection(
+                ReplyCode::UnexpectedFrame,
+                format_args!(
+                    "expected method frame on channel {channel}, got non method frame instead"
+                ),
+            )),
+        }
+    }
+
+    fn handle_content_header(
+        &mut self,
+        channel: u16,
+        header: ContentHeader,
+    ) -> Result<Option<Input>, AmqpError> {
+        let message_bytes_max = self.settings.limits.message_bytes_max;
+        let Some(content) = self.pending_content(channel)? else {
+            return Ok(None);
+        };
+        if content.header.is_some() {
+            return Err(AmqpError::connection(
+                ReplyCode::UnexpectedFrame,
+                format_args!(
+                    "expected content body on channel {channel}, got a second content header"
+                ),
+            ));
+        }
+        if header.body_size > message_bytes_max {
+            let error = AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                format_args!(
+                    "message size {} is larger than configured max size {message_bytes_max}",
+                    header.body_size
+                ),
+            )
+            .caused_by(&content.method);
+            return Err(error);
+        }
+        let complete = header.body_size == 0;
+        content.header = Some(header);
+        Ok(if complete {
+            self.take_command(channel)
+        } else {
+            None
+        })
+    }
+
+    fn handle_content_body(
+        &mut self,
+        channel: u16,
+        payload: Bytes,
+    ) -> Result<Option<Input>, AmqpError> {
+        let Some(content) = self.pending_content(channel)? else {
+            return Ok(None);
+        };
+        let Some(header) = &content.header else {
+            return Err(AmqpError::connection(
+                ReplyCode::UnexpectedFrame,
+                format_args!(
+                    "expected content header on channel {channel}, got a content body instead"
+                ),
+            ));
+        };
+        let expected = header.body_size;
+        let received = (content.body.len() + payload.len()) as u64;
+        if received > expected {
+            return Err(AmqpError::connection(
+                ReplyCode::FrameError,
+                format_args!(
+                    "content body on channel {channel} is {received} bytes, more than the {expected} its header declared"
+                ),
+            ));
+        }
+        content.body.push(payload);
+        Ok((received == expected)
+            .then(|| self.take_command(channel))
+            .flatten())
+    }
+
+    /// Hands a fully assembled publish to the broker layer.
+    fn take_command(&mut self, channel: u16) -> Option<Input> {
+        let Some(ChannelState::Open { content, .. }) = self.channels.get_mut(&channel) else {
+            return None;
+        };
+        let PendingContent {
+            method,
+            header,
+            body,
+        } = content.take()?;
+        Some(Input::Command(Command {
+            channel,
+            method,
+            content: Some(Content {
+                header: header?,
+                body: body.into_bytes(),
+            }),
+        }))
     }
 
     fn handle_connection_method(&mut self, method: Method) -> Result<(), AmqpError> {
@@ -620,7 +856,7 @@ impl ConnectionMachine {
         &mut self,
         channel: u16,
         method: Method,
-    ) -> Result<(), AmqpError> {
+    ) -> Result<Option<Input>, AmqpError> {
         if method.class_id() == 10 {
             return Err(AmqpError::connection(
                 ReplyCode::CommandInvalid,
@@ -631,7 +867,7 @@ impl ConnectionMachine {
             )
             .caused_by(&method));
         }
-        match self.channels.get(&channel).copied() {
+        match self.channels.get(&channel) {
             None => match method {
                 Method::ChannelOpen(_) => {
                     if channel > self.tuning.channel_max {
@@ -644,10 +880,15 @@ impl ConnectionMachine {
                         )
                         .caused_by(&method));
                     }
-                    self.channels
-                        .insert(channel, ChannelState::Open { flow_active: true });
+                    self.channels.insert(
+                        channel,
+                        ChannelState::Open {
+                            flow_active: true,
+                            content: None,
+                        },
+                    );
                     self.send_method(channel, &ChannelOpenOk::default().into());
-                    Ok(())
+                    Ok(None)
                 }
                 other => Err(AmqpError::connection(
                     ReplyCode::ChannelError,
@@ -670,13 +911,27 @@ impl ConnectionMachine {
                     // Discarded until the client acknowledges our channel.close.
                     _ => {}
                 }
-                Ok(())
+                Ok(None)
             }
+            Some(ChannelState::Open {
+                content: Some(_), ..
+            }) => Err(AmqpError::connection(
+                ReplyCode::UnexpectedFrame,
+                format_args!(
+                    "expected content header for class 60 on channel {channel}, got method {} instead",
+                    method.name()
+                ),
+            )
+            .caused_by(&method)),
             Some(ChannelState::Open { .. }) => self.handle_channel_method(channel, method),
         }
     }
 
-    fn handle_channel_method(&mut self, channel: u16, method: Method) -> Result<(), AmqpError> {
+    fn handle_channel_method(
+        &mut self,
+        channel: u16,
+        method: Method,
+    ) -> Result<Option<Input>, AmqpError> {
         match method {
             Method::ChannelOpen(_) => Err(AmqpError::connection(
                 ReplyCode::ChannelError,
@@ -686,17 +941,16 @@ impl ConnectionMachine {
             Method::ChannelClose(_) => {
                 self.send_method(channel, &ChannelCloseOk {}.into());
                 self.channels.remove(&channel);
-                Ok(())
+                Ok(Some(Input::ChannelClosed(channel)))
             }
             // We never send channel.close without waiting, nor channel.flow: nothing to settle.
-            Method::ChannelCloseOk(_) | Method::ChannelFlowOk(_) => Ok(()),
+            Method::ChannelCloseOk(_) | Method::ChannelFlowOk(_) => Ok(None),
             Method::ChannelFlow(flow) => {
-                self.channels.insert(
-                    channel,
-                    ChannelState::Open {
-                        flow_active: flow.active,
-                    },
-                );
+                if let Some(ChannelState::Open { flow_active, .. }) =
+                    self.channels.get_mut(&channel)
+                {
+                    *flow_active = flow.active;
+                }
                 self.send_method(
                     channel,
                     &ChannelFlowOk {
@@ -704,13 +958,23 @@ impl ConnectionMachine {
                     }
                     .into(),
                 );
-                Ok(())
+                Ok(None)
             }
-            other if sent_by_clients(&other) => Err(AmqpError::connection(
-                ReplyCode::NotImplemented,
-                format_args!("{} is not implemented yet", other.name()),
-            )
-            .caused_by(&other)),
+            method if method.has_content() && sent_by_clients(&method) => {
+                if let Some(ChannelState::Open { content, .. }) = self.channels.get_mut(&channel) {
+                    *content = Some(PendingContent {
+                        method,
+                        header: None,
+                        body: Body::Empty,
+                    });
+                }
+                Ok(None)
+            }
+            method if sent_by_clients(&method) => Ok(Some(Input::Command(Command {
+                channel,
+                method,
+                content: None,
+            }))),
             other => Err(AmqpError::connection(
                 ReplyCode::CommandInvalid,
                 format_args!("{} is sent by servers, not clients", other.name()),

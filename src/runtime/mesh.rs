@@ -19,26 +19,39 @@ use std::rc::Rc;
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::{GlommioError, ResourceType};
 use log::{debug, warn};
-use shards::{MeshMessage, ShardId};
+use shards::ShardId;
 
 use super::sync::Notify;
 
-pub type MeshBuilderFull = MeshBuilder<MeshMessage, Full>;
+/// What travels on the mesh: the mesh's own liveness probes, or a message of the layer above.
+#[derive(Debug)]
+pub enum Envelope<M> {
+    /// Asks the receiver to answer `Pong` with the same nonce.
+    Ping {
+        nonce: u64,
+    },
+    Pong {
+        nonce: u64,
+    },
+    Message(M),
+}
+
+pub type MeshBuilderFull<M> = MeshBuilder<Envelope<M>, Full>;
 
 /// Why a message was not accepted; the message comes back.
 #[derive(Debug)]
-pub enum SendError {
+pub enum SendError<M> {
     /// The destination's channel and overflow queue are both full: push back on input.
-    Congested(MeshMessage),
+    Congested(Envelope<M>),
     /// The destination shard has stopped.
-    Closed(MeshMessage),
+    Closed(Envelope<M>),
     /// A shard sends to itself with a local call, never over the mesh.
-    ToSelf(MeshMessage),
+    ToSelf(Envelope<M>),
     /// The channel refused the message for another reason (it is gone with the error).
     Refused(String),
 }
 
-impl fmt::Display for SendError {
+impl<M> fmt::Display for SendError<M> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             SendError::Congested(_) => write!(f, "mesh channel congested"),
@@ -49,11 +62,11 @@ impl fmt::Display for SendError {
     }
 }
 
-pub struct Mesh {
+pub struct Mesh<M: Send + 'static> {
     shard: ShardId,
-    senders: Senders<MeshMessage>,
+    senders: Senders<Envelope<M>>,
     /// Messages that found their channel full, per destination, in send order.
-    overflow: RefCell<Vec<VecDeque<MeshMessage>>>,
+    overflow: RefCell<Vec<VecDeque<Envelope<M>>>>,
     overflow_max: usize,
     flushing: Vec<Cell<bool>>,
     /// Pongs received for the nonce of the last `ping_all`.
@@ -62,13 +75,13 @@ pub struct Mesh {
     pong_arrived: Notify,
 }
 
-impl Mesh {
+impl<M: Send + 'static> Mesh<M> {
     /// Joins the mesh as shard `shard`; resolves once every shard has joined.
     pub async fn join(
-        builder: MeshBuilderFull,
+        builder: MeshBuilderFull<M>,
         shard: ShardId,
         overflow_max: usize,
-    ) -> Result<(Rc<Mesh>, Receivers<MeshMessage>), String> {
+    ) -> Result<(Rc<Mesh<M>>, Receivers<Envelope<M>>), String> {
         let shard_count = builder.nr_peers();
         let (senders, receivers) = builder
             .join()
@@ -110,7 +123,15 @@ impl Mesh {
     }
 
     /// Sends without waiting. Order between two shards is kept.
-    pub fn send(self: &Rc<Self>, to: ShardId, message: MeshMessage) -> Result<(), SendError> {
+    pub fn send(self: &Rc<Self>, to: ShardId, message: M) -> Result<(), SendError<M>> {
+        self.send_envelope(to, Envelope::Message(message))
+    }
+
+    fn send_envelope(
+        self: &Rc<Self>,
+        to: ShardId,
+        message: Envelope<M>,
+    ) -> Result<(), SendError<M>> {
         if to == self.shard {
             return Err(SendError::ToSelf(message));
         }
@@ -161,25 +182,31 @@ impl Mesh {
         .detach();
     }
 
-    /// Spawns one task per peer that drains its channel into this shard's mailbox.
-    pub fn serve(self: &Rc<Self>, mut receivers: Receivers<MeshMessage>) {
+    /// Spawns one task per peer that drains its channel into `handler` (this shard's mailbox).
+    pub fn serve(
+        self: &Rc<Self>,
+        mut receivers: Receivers<Envelope<M>>,
+        handler: Rc<dyn Fn(ShardId, M)>,
+    ) {
         for (peer, receiver) in receivers.streams() {
             let mesh = self.clone();
+            let handler = handler.clone();
             glommio::spawn_local(async move {
                 let from = ShardId(peer);
                 while let Some(message) = receiver.recv().await {
                     match message {
-                        MeshMessage::Ping { nonce } => {
-                            if let Err(error) = mesh.send(from, MeshMessage::Pong { nonce }) {
+                        Envelope::Ping { nonce } => {
+                            if let Err(error) = mesh.send_envelope(from, Envelope::Pong { nonce }) {
                                 warn!("{}: cannot answer a ping from {from}: {error}", mesh.shard);
                             }
                         }
-                        MeshMessage::Pong { nonce } => {
+                        Envelope::Pong { nonce } => {
                             if nonce == mesh.ping_nonce.get() {
                                 mesh.pongs.set(mesh.pongs.get() + 1);
                                 mesh.pong_arrived.notify();
                             }
                         }
+                        Envelope::Message(message) => handler(from, message),
                     }
                 }
             })
@@ -197,7 +224,7 @@ impl Mesh {
             .filter(|peer| *peer != self.shard)
             .collect();
         for peer in &peers {
-            self.send(*peer, MeshMessage::Ping { nonce })
+            self.send_envelope(*peer, Envelope::Ping { nonce })
                 .map_err(|e| format!("{}: ping to {peer} failed: {e}", self.shard))?;
         }
         while self.pongs.get() < peers.len() {

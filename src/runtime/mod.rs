@@ -29,6 +29,8 @@ use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use log::{debug, error, info, warn};
 use shards::ShardId;
 
+use crate::broker::messages::ShardMessage;
+use crate::broker::shard::ShardBroker;
 use crate::config::Config;
 use crate::connection::auth::Directory;
 use crate::connection::{Connection, ConnectionSettings};
@@ -96,7 +98,7 @@ struct ShardStart {
     shard: ShardId,
     config: Arc<Config>,
     listen: SocketAddr,
-    mesh: MeshBuilderFull,
+    mesh: MeshBuilderFull<Vec<ShardMessage>>,
     bound: Option<mpsc::Sender<Result<SocketAddr, String>>>,
     ready: mpsc::Sender<Result<(), String>>,
     shutdown_requested: Arc<AtomicBool>,
@@ -246,6 +248,8 @@ async fn within<T>(limit: Duration, future: impl std::future::Future<Output = T>
 struct Shard {
     id: ShardId,
     settings: Rc<ConnectionSettings>,
+    broker: Rc<ShardBroker>,
+    consumer_window: u32,
     connections: RefCell<ahash::HashMap<u64, Rc<Connection>>>,
     next_connection_id: Cell<u64>,
     stopping: Event,
@@ -292,7 +296,16 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         Some(Err(e)) => return report(Err(e)),
         None => return report(Err(format!("{shard}: other shards did not join the mesh"))),
     };
-    mesh.serve(receivers);
+    let broker = ShardBroker::new(shard, mesh.shard_count(), mesh.clone(), &config);
+    let mailbox = broker.clone();
+    mesh.serve(
+        receivers,
+        Rc::new(move |from, batch: Vec<ShardMessage>| {
+            for message in batch {
+                mailbox.handle(from, message);
+            }
+        }),
+    );
     match within(START_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => return report(Err(e)),
@@ -310,6 +323,8 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
             Directory::from_config(&config),
             config.connection.clone(),
         )),
+        broker: broker.clone(),
+        consumer_window: config.queues.consumer_window_messages,
         connections: RefCell::new(ahash::HashMap::default()),
         next_connection_id: Cell::new(0),
         stopping: Event::default(),
@@ -352,7 +367,13 @@ async fn accept_until_stopped(state: &Rc<Shard>, listener: &TcpListener) {
         };
         let id = state.next_connection_id.get();
         state.next_connection_id.set(id + 1);
-        let connection = match Connection::new(id, stream, state.settings.clone()) {
+        let connection = match Connection::new(
+            id,
+            stream,
+            state.settings.clone(),
+            state.broker.clone(),
+            state.consumer_window,
+        ) {
             Ok(connection) => connection,
             Err(e) => {
                 debug!("{}: dropped a connection at accept: {e}", state.id);
@@ -412,7 +433,7 @@ mod tests {
     /// Two shards on two executors send each other messages through the mesh.
     #[test]
     fn mesh_carries_messages_between_two_shards() {
-        let builder: MeshBuilderFull = MeshBuilder::full(2, 4);
+        let builder: MeshBuilderFull<u64> = MeshBuilder::full(2, 4);
         let handles: Vec<_> = (0..2)
             .map(|index| {
                 let builder = builder.clone();
@@ -420,13 +441,13 @@ mod tests {
                     .spawn(move || async move {
                         let (mesh, receivers) =
                             Mesh::join(builder, ShardId(index), 16).await.unwrap();
-                        mesh.serve(receivers);
+                        mesh.serve(receivers, Rc::new(|_, _| {}));
                         // Twice: the second round reuses the channels after the first drained.
                         for round in 1..=2u64 {
                             mesh.ping_all(round * 10 + index as u64).await.unwrap();
                         }
                         assert!(matches!(
-                            mesh.send(ShardId(index), shards::MeshMessage::Ping { nonce: 1 }),
+                            mesh.send(ShardId(index), 1),
                             Err(mesh::SendError::ToSelf(_))
                         ));
                         // Keep serving until the peer finished its pings too.
@@ -444,7 +465,7 @@ mod tests {
     #[test]
     fn a_full_channel_overflows_in_order_then_reports_congestion() {
         static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let builder: MeshBuilderFull = MeshBuilder::full(2, 2);
+        let builder: MeshBuilderFull<u64> = MeshBuilder::full(2, 2);
         let handles: Vec<_> = (0..2)
             .map(|index| {
                 let builder = builder.clone();
@@ -457,9 +478,7 @@ mod tests {
                             // queue (3), then sends are refused.
                             let mut sent = 0u64;
                             while sent < 1000 {
-                                match mesh
-                                    .send(ShardId(1), shards::MeshMessage::Pong { nonce: sent })
-                                {
+                                match mesh.send(ShardId(1), sent) {
                                     Ok(()) => sent += 1,
                                     Err(mesh::SendError::Congested(_)) => break,
                                     Err(other) => panic!("{other}"),
@@ -481,9 +500,7 @@ mod tests {
                             for (_, receiver) in receivers.streams() {
                                 while (nonces.len() as u64) < sent {
                                     match receiver.recv().await {
-                                        Some(shards::MeshMessage::Pong { nonce }) => {
-                                            nonces.push(nonce)
-                                        }
+                                        Some(mesh::Envelope::Message(nonce)) => nonces.push(nonce),
                                         other => panic!("unexpected {other:?}"),
                                     }
                                 }

@@ -73,3 +73,34 @@ impl Event {
         .await
     }
 }
+
+/// Wakes every task waiting at the time of `notify_all`; waiting again waits for the next one.
+#[derive(Default)]
+pub struct Signal {
+    generation: Cell<u64>,
+    wakers: RefCell<Vec<Waker>>,
+}
+
+impl Signal {
+    pub fn notify_all(&self) {
+        self.generation.set(self.generation.get() + 1);
+        for waker in self.wakers.borrow_mut().drain(..) {
+            waker.wake();
+        }
+    }
+
+    /// # Cancel safety
+    /// Safe: waiting only registers a waker.
+    pub async fn wait(&self) {
+        let start = self.generation.get();
+        poll_fn(|cx| {
+            if self.generation.get() != start {
+                Poll::Ready(())
+            } else {
+                self.wakers.borrow_mut().push(cx.waker().clone());
+                Poll::Pending
+            }
+        })
+        .await
+    }
+}

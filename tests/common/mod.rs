@@ -238,3 +238,131 @@ pub async fn refused(arguments: &amqprs::connection::OpenConnectionArguments) ->
         Err(error) => error.to_string(),
     }
 }
+
+/// A basic.return as recorded: reply code, routing key, body.
+pub type Returned = (u16, String, Vec<u8>);
+
+/// What the broker sent a channel outside of replies: closes, cancels, confirms, returns.
+#[derive(Clone, Default)]
+pub struct ChannelRecorder {
+    pub closes: Arc<Mutex<Vec<(u16, String)>>>,
+    pub cancels: Arc<Mutex<Vec<String>>>,
+    pub acks: Arc<Mutex<Vec<(u64, bool)>>>,
+    pub nacks: Arc<Mutex<Vec<(u64, bool)>>>,
+    pub returns: Arc<Mutex<Vec<Returned>>>,
+}
+
+impl ChannelRecorder {
+    /// Waits up to 5 s until `done` holds for the recorder.
+    pub async fn wait_for(&self, what: &str, done: impl Fn(&ChannelRecorder) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done(self) {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    pub async fn close_code(&self) -> u16 {
+        self.wait_for("channel.close", |r| !r.closes.lock().unwrap().is_empty())
+            .await;
+        self.closes.lock().unwrap()[0].0
+    }
+
+    /// The highest sequence number confirmed so far (acks are cumulative with `multiple`).
+    pub fn confirmed_up_to(&self) -> u64 {
+        self.acks
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|(tag, _)| *tag)
+            .max()
+            .unwrap_or(0)
+    }
+}
+
+#[async_trait::async_trait]
+impl amqprs::callbacks::ChannelCallback for ChannelRecorder {
+    async fn close(
+        &mut self,
+        _channel: &amqprs::channel::Channel,
+        close: amqprs::CloseChannel,
+    ) -> Result<(), amqprs::error::Error> {
+        self.closes
+            .lock()
+            .unwrap()
+            .push((close.reply_code(), close.reply_text().to_string()));
+        Ok(())
+    }
+
+    async fn cancel(
+        &mut self,
+        _channel: &amqprs::channel::Channel,
+        cancel: amqprs::Cancel,
+    ) -> Result<(), amqprs::error::Error> {
+        self.cancels
+            .lock()
+            .unwrap()
+            .push(cancel.consumer_tag().to_string());
+        Ok(())
+    }
+
+    async fn flow(
+        &mut self,
+        _channel: &amqprs::channel::Channel,
+        active: bool,
+    ) -> Result<bool, amqprs::error::Error> {
+        Ok(active)
+    }
+
+    async fn publish_ack(&mut self, _channel: &amqprs::channel::Channel, ack: amqprs::Ack) {
+        self.acks
+            .lock()
+            .unwrap()
+            .push((ack.delivery_tag(), ack.mutiple()));
+    }
+
+    async fn publish_nack(&mut self, _channel: &amqprs::channel::Channel, nack: amqprs::Nack) {
+        self.nacks
+            .lock()
+            .unwrap()
+            .push((nack.delivery_tag(), nack.multiple()));
+    }
+
+    async fn publish_return(
+        &mut self,
+        _channel: &amqprs::channel::Channel,
+        ret: amqprs::Return,
+        _basic_properties: amqprs::BasicProperties,
+        content: Vec<u8>,
+    ) {
+        self.returns.lock().unwrap().push((
+            ret.reply_code(),
+            ret.routing_key().to_string(),
+            content,
+        ));
+    }
+}
+
+/// A connection and a channel with a recorder attached.
+pub async fn open_channel(
+    broker: &Broker,
+) -> (
+    amqprs::connection::Connection,
+    amqprs::channel::Channel,
+    ChannelRecorder,
+) {
+    let connection = amqprs::connection::Connection::open(&guest(broker))
+        .await
+        .expect("connect");
+    let channel = connection.open_channel(None).await.expect("channel");
+    let recorder = ChannelRecorder::default();
+    channel
+        .register_callback(recorder.clone())
+        .await
+        .expect("channel callback");
+    (connection, channel, recorder)
+}
+
+/// Config for tests that want queues spread over the shards (so that publisher, consumer and
+/// queue owner sit on different cores).
+pub const BALANCED: &str = "[queues]\nplacement = \"balanced\"\n";

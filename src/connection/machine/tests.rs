@@ -13,6 +13,8 @@ struct Harness {
     machine: ConnectionMachine,
     /// Received bytes the machine has not consumed yet, kept as the driver keeps them.
     input: BytesMut,
+    /// What the machine handed to the broker layer.
+    handed_over: Vec<Input>,
 }
 
 impl Harness {
@@ -27,12 +29,15 @@ impl Harness {
         Harness {
             machine: ConnectionMachine::new(Rc::new(settings), peer.parse().unwrap()),
             input: BytesMut::new(),
+            handed_over: Vec::new(),
         }
     }
 
     fn send_bytes(&mut self, bytes: &[u8]) -> Vec<Frame> {
         self.input.extend_from_slice(bytes);
-        self.machine.receive(&mut self.input);
+        while let Some(input) = self.machine.receive(&mut self.input) {
+            self.handed_over.push(input);
+        }
         self.replies()
     }
 
@@ -376,11 +381,114 @@ fn channel_flow_is_answered() {
 }
 
 #[test]
-fn unimplemented_methods_are_not_implemented() {
+fn broker_methods_are_handed_over_as_commands() {
     let mut h = Harness::open();
     h.send(1, ChannelOpen::default());
-    let reply = h.send(1, ExchangeDeclare::default());
-    assert_eq!(connection_close_code(&reply), 540);
+    assert!(h.send(1, ExchangeDeclare::default()).is_empty());
+    match h.handed_over.as_slice() {
+        [Input::Command(Command {
+            channel: 1,
+            method: Method::ExchangeDeclare(_),
+            content: None,
+        })] => {}
+        other => panic!("expected one exchange.declare command, got {other:?}"),
+    }
+}
+
+fn publish_frames(channel: u16, body: &[u8], declared: u64, frame_max: u32) -> BytesMut {
+    let mut out = BytesMut::new();
+    encode_method(&mut out, channel, &BasicPublish::default().into());
+    encode_content_header(&mut out, channel, declared, &[0, 0]);
+    encode_body(&mut out, channel, body, frame_max);
+    out
+}
+
+#[test]
+fn publish_content_is_assembled_across_frames() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+    let frames = publish_frames(1, &body, body.len() as u64, 4096);
+    // Byte by byte: nothing is handed over until the last body byte arrives.
+    for byte in &frames[..frames.len() - 1] {
+        h.send_bytes(&[*byte]);
+    }
+    assert!(h.handed_over.is_empty());
+    h.send_bytes(&frames[frames.len() - 1..]);
+    match h.handed_over.as_slice() {
+        [Input::Command(Command {
+            method: Method::BasicPublish(_),
+            content: Some(content),
+            ..
+        })] => assert_eq!(&content.body[..], &body[..]),
+        other => panic!("expected one publish, got {other:?}"),
+    }
+}
+
+#[test]
+fn empty_body_completes_at_the_header() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    h.send_bytes(&publish_frames(1, &[], 0, 4096));
+    assert!(matches!(
+        h.handed_over.as_slice(),
+        [Input::Command(Command {
+            content: Some(_),
+            ..
+        })]
+    ));
+}
+
+#[test]
+fn body_longer_than_declared_is_a_frame_error() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    let reply = h.send_bytes(&publish_frames(1, b"0123456789", 5, 4096));
+    assert_eq!(connection_close_code(&reply), 501);
+}
+
+#[test]
+fn a_method_where_content_is_expected_is_an_unexpected_frame() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    h.send(1, BasicPublish::default());
+    assert_eq!(connection_close_code(&h.send(1, BasicQos::default())), 505);
+}
+
+#[test]
+fn a_body_over_the_size_limit_closes_the_channel_with_406() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    let mut out = BytesMut::new();
+    encode_method(&mut out, 1, &BasicPublish::default().into());
+    encode_content_header(&mut out, 1, 1 << 40, &[0, 0]);
+    let reply = h.send_bytes(&out);
+    match reply.as_slice() {
+        [Frame::Method {
+            channel: 1,
+            method: Method::ChannelClose(close),
+        }] => assert_eq!(close.reply_code, 406),
+        other => panic!("expected channel.close, got {other:?}"),
+    }
+    assert!(matches!(
+        h.handed_over.as_slice(),
+        [Input::ChannelClosed(1)]
+    ));
+    // The body frames that follow are discarded, and the connection stays up.
+    encode_body(&mut out, 1, &[0u8; 100], 4096);
+    h.send_bytes(&out[out.len() - 108..]);
+    assert_eq!(h.machine.phase(), Phase::Open);
+}
+
+#[test]
+fn channel_close_from_the_client_is_reported() {
+    let mut h = Harness::open();
+    h.send(1, ChannelOpen::default());
+    h.send(1, ChannelClose::default());
+    assert!(matches!(
+        h.handed_over.as_slice(),
+        [Input::ChannelClosed(1)]
+    ));
 }
 
 #[test]

@@ -1,0 +1,191 @@
+//! What shards say to each other: the mailbox messages of the broker layer.
+//!
+//! Three conversations travel on the mesh:
+//! - metadata: a connection's shard asks the coordinator (shard 0) for a change; the coordinator
+//!   validates it, applies it on every shard (`Apply`/`Applied`) and answers;
+//! - queue operations: publishes, consumes, credit, settlements, gets and purges go to the shard
+//!   that owns the queue;
+//! - deliveries and confirms come back to the shard of the connection concerned.
+//!
+//! Requests carry a `token`; the answer is a [`ShardMessage::Reply`] with the same token, sent to
+//! the asking shard. Everything here is plain `Send` data.
+
+use shards::queue::{ChannelKey, Consumer, ConsumerKey, Got, MessageId};
+use shards::{Message, ShardId};
+
+use super::routing::{BindingDef, ConnectionRef, ExchangeDef, MetaOp};
+use crate::codec::{FieldTable, ShortStr};
+use crate::connection::error::AmqpError;
+
+/// A queue, named within its vhost.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct QueueKey {
+    pub vhost: ShortStr,
+    pub name: ShortStr,
+}
+
+/// A metadata change a connection asks the coordinator for.
+#[derive(Debug, Clone)]
+pub enum MetaRequest {
+    DeclareExchange {
+        def: ExchangeDef,
+        passive: bool,
+    },
+    DeleteExchange {
+        name: ShortStr,
+        if_unused: bool,
+    },
+    Bind(BindingDef),
+    Unbind(BindingDef),
+    DeclareQueue {
+        /// Empty: the server names the queue.
+        name: ShortStr,
+        passive: bool,
+        durable: bool,
+        exclusive: bool,
+        auto_delete: bool,
+        arguments: FieldTable,
+    },
+    DeleteQueue {
+        name: ShortStr,
+        if_unused: bool,
+        if_empty: bool,
+    },
+    /// An auto-delete queue lost its last consumer (sent by the owning shard).
+    AutoDeleteQueue {
+        name: ShortStr,
+    },
+    /// A connection ended: its exclusive queues go.
+    ConnectionClosed,
+}
+
+/// What the coordinator answers to a [`MetaRequest`].
+#[derive(Debug, Clone)]
+pub enum MetaOutcome {
+    Done,
+    /// queue.declare: the queue's name (server-named ones are new), its owner, and whether this
+    /// declare created it.
+    Queue {
+        name: ShortStr,
+        owner: ShardId,
+        created: bool,
+    },
+    /// queue.delete: messages the queue held.
+    Deleted {
+        message_count: u32,
+    },
+}
+
+/// An answer to a request, matched to it by token.
+#[derive(Debug)]
+pub enum Reply {
+    Meta(Result<MetaOutcome, AmqpError>),
+    /// A metadata change was applied on the answering shard.
+    Applied,
+    /// basic.consume registered (or refused).
+    Consume(Result<(), AmqpError>),
+    Get(Result<Option<Got>, AmqpError>),
+    /// purge or delete: how many messages went.
+    Count(Result<u32, AmqpError>),
+    /// Ready messages and consumers of a queue (declare-ok); `None` if it does not exist here.
+    Stats(Option<(u32, u32)>),
+}
+
+/// Where a publisher wants its confirm.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConfirmTo {
+    pub connection: u64,
+    pub channel: u16,
+    pub seq: u64,
+}
+
+/// One mailbox message.
+#[derive(Debug)]
+pub enum ShardMessage {
+    /// To the coordinator.
+    Meta {
+        token: u64,
+        vhost: ShortStr,
+        requester: ConnectionRef,
+        request: MetaRequest,
+    },
+    /// From the coordinator: apply this change to your copy of the vhost's routing table.
+    Apply {
+        token: u64,
+        vhost: ShortStr,
+        op: MetaOp,
+    },
+    /// To the owner of `queues` (all on the receiving shard).
+    Publish {
+        vhost: ShortStr,
+        queues: Vec<ShortStr>,
+        message: Message,
+        confirm: Option<ConfirmTo>,
+    },
+    /// To a publisher's shard: the owner has the message.
+    Confirmed(ConfirmTo),
+    Consume {
+        token: u64,
+        queue: QueueKey,
+        consumer: Consumer,
+    },
+    Cancel {
+        queue: QueueKey,
+        consumer: ConsumerKey,
+    },
+    Credit {
+        queue: QueueKey,
+        consumer: ConsumerKey,
+        amount: u32,
+    },
+    /// Settle delivered messages: ack (drop) or requeue.
+    Settle {
+        queue: QueueKey,
+        ids: Vec<MessageId>,
+        requeue: bool,
+    },
+    Get {
+        token: u64,
+        queue: QueueKey,
+        channel: ChannelKey,
+        no_ack: bool,
+    },
+    Purge {
+        token: u64,
+        queue: QueueKey,
+    },
+    Stats {
+        token: u64,
+        queue: QueueKey,
+    },
+    /// A channel closed: drop its consumers on these queues and requeue what it held.
+    ChannelClosed {
+        channel: ChannelKey,
+        queues: Vec<QueueKey>,
+    },
+    /// From the coordinator to a queue's owner, before the delete is applied everywhere: check
+    /// the conditions, drop the messages, cancel the consumers, and answer with the count.
+    DeleteQueueData {
+        token: u64,
+        queue: QueueKey,
+        if_unused: bool,
+        if_empty: bool,
+    },
+    /// To a consumer's shard.
+    Deliver {
+        consumer: ConsumerKey,
+        queue: QueueKey,
+        owner: ShardId,
+        id: MessageId,
+        message: Message,
+        redelivered: bool,
+    },
+    /// To a consumer's shard: the queue went away under the consumer.
+    ConsumerCancelled {
+        consumer: ConsumerKey,
+    },
+    Reply {
+        token: u64,
+        reply: Reply,
+    },
+}

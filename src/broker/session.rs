@@ -1,0 +1,1242 @@
+//! The broker side of one connection: what each of its channels has in flight (consumers,
+//! delivery tags, unacked deliveries, confirms, transactions) and how the AMQP methods of the
+//! exchange, queue, basic, tx and confirm classes become work for the shards.
+//!
+//! A session lives on its connection's shard. It talks to queues only through
+//! [`ShardBroker::post`] and [`ShardBroker::request`], so a queue on this shard and a queue on
+//! another core are handled the same way. Deliveries and confirms come back through
+//! [`ConnectionPort`].
+//!
+//! Credit (prefetch) is granted from here: a consumer with a prefetch limit gets that many
+//! credits and one more per settled delivery; a consumer without one (prefetch 0 or no-ack) gets
+//! a window of `consumer_window_messages` that refills as deliveries are written to the socket,
+//! so the broker's buffers stay bounded whatever the client asked for.
+//!
+//! Invariant: no `RefCell` borrow is held across an `.await`; deliveries may arrive (and borrow
+//! the session) while a method waits for a reply.
+
+use std::cell::{Cell, RefCell};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+
+use ahash::{HashMap, HashMapExt};
+use log::debug;
+use shards::queue::{Consumer, Credit, MessageId};
+use shards::{Message, ShardId};
+
+use super::messages::{ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, ShardMessage};
+use super::routing::{BindingDef, ConnectionRef, Destination, ExchangeDef, ExchangeKind};
+use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
+use crate::codec::{
+    BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicDeliver, BasicGetEmpty, BasicGetOk,
+    BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, ExchangeBindOk, ExchangeDeclareOk,
+    ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk, QueueDeleteOk,
+    QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk, TxSelectOk,
+};
+use crate::connection::error::AmqpError;
+use crate::connection::machine::{Command, ConnectionMachine, Content};
+use crate::runtime::sync::Notify;
+
+/// A delivery the client has not settled yet.
+#[derive(Debug, Clone)]
+struct Unacked {
+    queue: QueueKey,
+    owner: ShardId,
+    id: MessageId,
+    /// The consumer it went to; `None` for basic.get.
+    consumer: Option<u64>,
+}
+
+#[derive(Debug)]
+struct ConsumerState {
+    channel: u16,
+    tag: ShortStr,
+    queue: QueueKey,
+    owner: ShardId,
+    no_ack: bool,
+    /// Credit returns on settlement (a prefetch limit) or on write (the window).
+    refill_on_ack: bool,
+    /// Window credits earned by written deliveries and not yet granted.
+    window_owed: u32,
+}
+
+#[derive(Debug, Default)]
+struct Confirms {
+    next_seq: u64,
+    /// seq -> owners that still have to confirm it.
+    pending: BTreeMap<u64, u32>,
+    acked_up_to: u64,
+}
+
+/// Work a transactional channel defers to tx.commit.
+#[derive(Debug)]
+enum TxOp {
+    Publish {
+        exchange: ShortStr,
+        routing_key: ShortStr,
+        mandatory: bool,
+        content: Box<Content>,
+    },
+    Settle {
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    },
+}
+
+#[derive(Debug, Default)]
+struct ChannelState {
+    next_delivery_tag: u64,
+    unacked: BTreeMap<u64, Unacked>,
+    consumers: HashMap<ShortStr, u64>,
+    /// basic.qos global=false: the limit of consumers created from now on.
+    prefetch_count: u16,
+    /// basic.qos global=true.
+    global_prefetch: u16,
+    confirm: Option<Confirms>,
+    tx: Option<Vec<TxOp>>,
+    /// The queue an empty queue name stands for (the last one declared on this channel).
+    last_queue: Option<ShortStr>,
+}
+
+#[derive(Default)]
+struct State {
+    channels: HashMap<u16, ChannelState>,
+    consumers: HashMap<u64, ConsumerState>,
+}
+
+pub struct Session {
+    shard: Rc<ShardBroker>,
+    connection: u64,
+    machine: Rc<RefCell<ConnectionMachine>>,
+    write_wanted: Rc<Notify>,
+    state: RefCell<State>,
+    next_consumer: Cell<u64>,
+    consumer_window: u32,
+    outbound_bytes_max: usize,
+    tag_seed: ahash::RandomState,
+}
+
+/// How one settle method treats the deliveries it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Settlement {
+    Ack,
+    Requeue,
+    Drop,
+}
+
+impl Session {
+    pub fn new(
+        shard: Rc<ShardBroker>,
+        connection: u64,
+        machine: Rc<RefCell<ConnectionMachine>>,
+        write_wanted: Rc<Notify>,
+        consumer_window: u32,
+        outbound_bytes_max: usize,
+    ) -> Rc<Session> {
+        Rc::new(Session {
+            shard,
+            connection,
+            machine,
+            write_wanted,
+            state: RefCell::new(State::default()),
+            next_consumer: Cell::new(1),
+            consumer_window,
+            outbound_bytes_max,
+            tag_seed: ahash::RandomState::new(),
+        })
+    }
+
+    fn me(&self) -> ConnectionRef {
+        ConnectionRef {
+            shard: self.shard.id,
+            connection: self.connection,
+        }
+    }
+
+    fn vhost(&self) -> ShortStr {
+        let machine = self.machine.borrow();
+        ShortStr::try_from(machine.vhost().unwrap_or("/")).unwrap_or_default()
+    }
+
+    fn send(&self, channel: u16, method: impl Into<Method>) {
+        self.machine
+            .borrow_mut()
+            .send_method(channel, &method.into());
+        self.write_wanted.notify();
+    }
+
+    /// Sends `reply` unless the client asked for no-wait.
+    fn reply(&self, channel: u16, no_wait: bool, method: impl Into<Method>) {
+        if !no_wait {
+            self.send(channel, method);
+        }
+    }
+
+    /// Raises `error` on `channel`, naming `cause`; cleans up the channel for a channel error.
+    fn raise(&self, channel: u16, error: AmqpError, cause: &Method) {
+        let error = if error.class_id == 0 {
+            error.caused_by(cause)
+        } else {
+            error
+        };
+        let closes_channel = error.scope == crate::connection::error::Scope::Channel;
+        self.machine.borrow_mut().raise(channel, error);
+        self.write_wanted.notify();
+        if closes_channel {
+            self.channel_closed(channel);
+        }
+    }
+
+    fn with_channel<T>(&self, channel: u16, f: impl FnOnce(&mut ChannelState) -> T) -> T {
+        let mut state = self.state.borrow_mut();
+        f(state.channels.entry(channel).or_default())
+    }
+
+    fn random_tag(&self, prefix: &str) -> ShortStr {
+        let n = self.next_consumer.get();
+        let hash = self.tag_seed.hash_one((self.connection, n));
+        ShortStr::try_from(format!("{prefix}{}-{hash:016x}", self.shard.id.index()))
+            .unwrap_or_default()
+    }
+
+    /// Carries out one method. Errors become channel or connection closes.
+    pub async fn execute(self: &Rc<Self>, command: Command) {
+        let channel = command.channel;
+        let cause = command.method.clone();
+        if let Err(error) = self.run(command).await {
+            self.raise(channel, error, &cause);
+        }
+    }
+
+    async fn run(self: &Rc<Self>, command: Command) -> Result<(), AmqpError> {
+        let Command {
+            channel,
+            method,
+            content,
+        } = command;
+        let vhost = self.vhost();
+        match method {
+            Method::ExchangeDeclare(m) => {
+                let kind = match ExchangeKind::parse(m.exchange_type.as_bytes()) {
+                    Some(kind) => kind,
+                    None if m.passive => ExchangeKind::Direct,
+                    None => {
+                        return Err(AmqpError::connection(
+                            ReplyCode::CommandInvalid,
+                            format_args!("unknown exchange type '{}'", m.exchange_type),
+                        ))
+                    }
+                };
+                let def = ExchangeDef {
+                    name: m.exchange.clone(),
+                    kind,
+                    durable: m.durable,
+                    auto_delete: m.auto_delete,
+                    internal: m.internal,
+                    arguments: m.arguments.clone(),
+                };
+                self.meta(
+                    &vhost,
+                    MetaRequest::DeclareExchange {
+                        def,
+                        passive: m.passive,
+                    },
+                )
+                .await?;
+                self.reply(channel, m.no_wait, ExchangeDeclareOk {});
+            }
+            Method::ExchangeDelete(m) => {
+                self.meta(
+                    &vhost,
+                    MetaRequest::DeleteExchange {
+                        name: m.exchange.clone(),
+                        if_unused: m.if_unused,
+                    },
+                )
+                .await?;
+                self.reply(channel, m.no_wait, ExchangeDeleteOk {});
+            }
+            Method::ExchangeBind(m) => {
+                let binding = BindingDef {
+                    source: m.source.clone(),
+                    destination: Destination::Exchange(m.destination.clone()),
+                    routing_key: m.routing_key.clone(),
+                    arguments: m.arguments.clone(),
+                };
+                self.meta(&vhost, MetaRequest::Bind(binding)).await?;
+                self.reply(channel, m.no_wait, ExchangeBindOk {});
+            }
+            Method::ExchangeUnbind(m) => {
+                let binding = BindingDef {
+                    source: m.source.clone(),
+                    destination: Destination::Exchange(m.destination.clone()),
+                    routing_key: m.routing_key.clone(),
+                    arguments: m.arguments.clone(),
+                };
+                self.meta(&vhost, MetaRequest::Unbind(binding)).await?;
+                self.reply(channel, m.no_wait, ExchangeUnbindOk {});
+            }
+            Method::QueueDeclare(m) => {
+                let name = if m.passive && m.queue.is_empty() {
+                    self.queue_name(channel, &m.queue)?
+                } else {
+                    m.queue.clone()
+                };
+                let outcome = self
+                    .meta(
+                        &vhost,
+                        MetaRequest::DeclareQueue {
+                            name,
+                            passive: m.passive,
+                            durable: m.durable,
+                            exclusive: m.exclusive,
+                            auto_delete: m.auto_delete,
+                            arguments: m.arguments.clone(),
+                        },
+                    )
+                    .await?;
+                let MetaOutcome::Queue {
+                    name,
+                    owner,
+                    created,
+                } = outcome
+                else {
+                    return Err(internal_error("queue.declare", &None));
+                };
+                self.with_channel(channel, |c| c.last_queue = Some(name.clone()));
+                let (message_count, consumer_count) = if created {
+                    (0, 0)
+                } else {
+                    self.queue_stats(owner, &vhost, &name).await
+                };
+                self.reply(
+                    channel,
+                    m.no_wait,
+                    QueueDeclareOk {
+                        queue: name,
+                        message_count,
+                        consumer_count,
+                    },
+                );
+            }
+            Method::QueueBind(m) => {
+                let queue = self.queue_name(channel, &m.queue)?;
+                let binding = BindingDef {
+                    source: m.exchange.clone(),
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key.clone(),
+                    arguments: m.arguments.clone(),
+                };
+                self.meta(&vhost, MetaRequest::Bind(binding)).await?;
+                self.reply(channel, m.no_wait, QueueBindOk {});
+            }
+            Method::QueueUnbind(m) => {
+                let queue = self.queue_name(channel, &m.queue)?;
+                let binding = BindingDef {
+                    source: m.exchange.clone(),
+                    destination: Destination::Queue(queue),
+                    routing_key: m.routing_key.clone(),
+                    arguments: m.arguments.clone(),
+                };
+                self.meta(&vhost, MetaRequest::Unbind(binding)).await?;
+                self.send(channel, QueueUnbindOk {});
+            }
+            Method::QueuePurge(m) => {
+                let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
+                let reply = self
+                    .shard
+                    .request(owner, |token| ShardMessage::Purge { token, queue })
+                    .await;
+                let message_count = match reply {
+                    Some(Reply::Count(result)) => result?,
+                    other => return Err(internal_error("queue.purge", &other)),
+                };
+                self.reply(channel, m.no_wait, QueuePurgeOk { message_count });
+            }
+            Method::QueueDelete(m) => {
+                let name = self.queue_name(channel, &m.queue)?;
+                let outcome = self
+                    .meta(
+                        &vhost,
+                        MetaRequest::DeleteQueue {
+                            name,
+                            if_unused: m.if_unused,
+                            if_empty: m.if_empty,
+                        },
+                    )
+                    .await?;
+                let message_count = match outcome {
+                    MetaOutcome::Deleted { message_count } => message_count,
+                    _ => 0,
+                };
+                self.reply(channel, m.no_wait, QueueDeleteOk { message_count });
+            }
+            Method::BasicQos(m) => {
+                if m.prefetch_size != 0 {
+                    return Err(AmqpError::connection(
+                        ReplyCode::NotImplemented,
+                        format_args!("prefetch_size!=0 ({})", m.prefetch_size),
+                    ));
+                }
+                self.with_channel(channel, |c| {
+                    if m.global {
+                        c.global_prefetch = m.prefetch_count;
+                    } else {
+                        c.prefetch_count = m.prefetch_count;
+                    }
+                });
+                self.send(channel, BasicQosOk {});
+            }
+            Method::BasicConsume(m) => {
+                let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
+                let tag = if m.consumer_tag.is_empty() {
+                    self.random_tag("amq.ctag-")
+                } else {
+                    m.consumer_tag.clone()
+                };
+                let duplicate = self.with_channel(channel, |c| c.consumers.contains_key(&tag));
+                if duplicate {
+                    return Err(AmqpError::connection(
+                        ReplyCode::NotAllowed,
+                        format_args!("attempt to reuse consumer tag '{tag}'"),
+                    ));
+                }
+                let (prefetch, global) =
+                    self.with_channel(channel, |c| (c.prefetch_count, c.global_prefetch));
+                // A per-consumer limit wins; else the channel's; 0 means none.
+                let limit = if prefetch > 0 { prefetch } else { global };
+                let refill_on_ack = !m.no_ack && limit > 0;
+                let initial_credit = if refill_on_ack {
+                    u32::from(limit)
+                } else {
+                    self.consumer_window
+                };
+                let id = self.next_consumer.get();
+                self.next_consumer.set(id + 1);
+                let key = self.shard.consumer_key(self.connection, id);
+                let consumer = Consumer {
+                    key,
+                    channel: self.shard.channel_key(self.connection, channel),
+                    no_ack: m.no_ack,
+                    exclusive: m.exclusive,
+                    // Credit flows only after consume-ok is written, so no delivery can
+                    // overtake it.
+                    credit: Credit::Limited(0),
+                };
+                let request_queue = queue.clone();
+                let reply = self
+                    .shard
+                    .request(owner, |token| ShardMessage::Consume {
+                        token,
+                        queue: request_queue,
+                        consumer,
+                    })
+                    .await;
+                match reply {
+                    Some(Reply::Consume(result)) => result?,
+                    other => return Err(internal_error("basic.consume", &other)),
+                }
+                if !self.machine.borrow().is_channel_open(channel) {
+                    // The channel closed while we waited: undo.
+                    self.shard.post(
+                        owner,
+                        ShardMessage::Cancel {
+                            queue,
+                            consumer: key,
+                        },
+                    );
+                    return Ok(());
+                }
+                {
+                    let mut state = self.state.borrow_mut();
+                    state
+                        .channels
+                        .entry(channel)
+                        .or_default()
+                        .consumers
+                        .insert(tag.clone(), id);
+                    state.consumers.insert(
+                        id,
+                        ConsumerState {
+                            channel,
+                            tag: tag.clone(),
+                            queue: queue.clone(),
+                            owner,
+                            no_ack: m.no_ack,
+                            refill_on_ack,
+                            window_owed: 0,
+                        },
+                    );
+                }
+                self.reply(channel, m.no_wait, BasicConsumeOk { consumer_tag: tag });
+                self.shard.post(
+                    owner,
+                    ShardMessage::Credit {
+                        queue,
+                        consumer: key,
+                        amount: initial_credit,
+                    },
+                );
+            }
+            Method::BasicCancel(m) => {
+                let id = self.with_channel(channel, |c| c.consumers.remove(&m.consumer_tag));
+                if let Some(id) = id {
+                    if let Some(consumer) = self.state.borrow_mut().consumers.remove(&id) {
+                        self.shard.post(
+                            consumer.owner,
+                            ShardMessage::Cancel {
+                                queue: consumer.queue,
+                                consumer: self.shard.consumer_key(self.connection, id),
+                            },
+                        );
+                    }
+                }
+                self.reply(
+                    channel,
+                    m.no_wait,
+                    BasicCancelOk {
+                        consumer_tag: m.consumer_tag.clone(),
+                    },
+                );
+            }
+            Method::BasicPublish(m) => {
+                let Some(content) = content else {
+                    return Err(internal_error("basic.publish without content", &None));
+                };
+                if m.immediate {
+                    return Err(AmqpError::connection(
+                        ReplyCode::NotImplemented,
+                        "immediate=true",
+                    ));
+                }
+                self.check_publish(&vhost, &m.exchange, &content)?;
+                let transactional = self.with_channel(channel, |c| c.tx.is_some());
+                if transactional {
+                    self.with_channel(channel, |c| {
+                        if let Some(tx) = &mut c.tx {
+                            tx.push(TxOp::Publish {
+                                exchange: m.exchange.clone(),
+                                routing_key: m.routing_key.clone(),
+                                mandatory: m.mandatory,
+                                content: Box::new(content),
+                            });
+                        }
+                    });
+                } else {
+                    self.publish(
+                        channel,
+                        &vhost,
+                        &m.exchange,
+                        &m.routing_key,
+                        m.mandatory,
+                        content,
+                    );
+                }
+            }
+            Method::BasicGet(m) => {
+                let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
+                let holder = self.shard.channel_key(self.connection, channel);
+                let request_queue = queue.clone();
+                let reply = self
+                    .shard
+                    .request(owner, |token| ShardMessage::Get {
+                        token,
+                        queue: request_queue,
+                        channel: holder,
+                        no_ack: m.no_ack,
+                    })
+                    .await;
+                let got = match reply {
+                    Some(Reply::Get(result)) => result?,
+                    other => return Err(internal_error("basic.get", &other)),
+                };
+                let Some(got) = got else {
+                    self.send(channel, BasicGetEmpty::default());
+                    return Ok(());
+                };
+                if !self.machine.borrow().is_channel_open(channel) {
+                    self.shard.post(
+                        owner,
+                        ShardMessage::Settle {
+                            queue,
+                            ids: vec![got.id],
+                            requeue: true,
+                        },
+                    );
+                    return Ok(());
+                }
+                let delivery_tag = self.with_channel(channel, |c| {
+                    c.next_delivery_tag += 1;
+                    let tag = c.next_delivery_tag;
+                    if !m.no_ack {
+                        c.unacked.insert(
+                            tag,
+                            Unacked {
+                                queue,
+                                owner,
+                                id: got.id,
+                                consumer: None,
+                            },
+                        );
+                    }
+                    tag
+                });
+                let message = &got.message;
+                let get_ok = BasicGetOk {
+                    delivery_tag,
+                    redelivered: got.redelivered,
+                    exchange: short(message.exchange()),
+                    routing_key: short(message.routing_key()),
+                    message_count: got.remaining,
+                };
+                self.machine.borrow_mut().send_content(
+                    channel,
+                    &get_ok.into(),
+                    message.properties(),
+                    message.body(),
+                );
+                self.write_wanted.notify();
+            }
+            Method::BasicAck(m) => {
+                self.settle_or_defer(channel, m.delivery_tag, m.multiple, None)?;
+            }
+            Method::BasicNack(m) => {
+                self.settle_or_defer(channel, m.delivery_tag, m.multiple, Some(m.requeue))?;
+            }
+            Method::BasicReject(m) => {
+                self.settle_or_defer(channel, m.delivery_tag, false, Some(m.requeue))?;
+            }
+            Method::BasicRecover(m) => {
+                self.recover(channel, m.requeue)?;
+                self.send(channel, BasicRecoverOk {});
+            }
+            Method::BasicRecoverAsync(m) => self.recover(channel, m.requeue)?,
+            Method::TxSelect(_) => {
+                let confirming = self.with_channel(channel, |c| c.confirm.is_some());
+                if confirming {
+                    return Err(AmqpError::channel(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from confirm to tx mode",
+                    ));
+                }
+                self.with_channel(channel, |c| {
+                    c.tx.get_or_insert_with(Vec::new);
+                });
+                self.send(channel, TxSelectOk {});
+            }
+            Method::TxCommit(_) => {
+                let ops = self.take_tx(channel)?;
+                for op in ops {
+                    match op {
+                        TxOp::Publish {
+                            exchange,
+                            routing_key,
+                            mandatory,
+                            content,
+                        } => self.publish(
+                            channel,
+                            &vhost,
+                            &exchange,
+                            &routing_key,
+                            mandatory,
+                            *content,
+                        ),
+                        TxOp::Settle {
+                            delivery_tag,
+                            multiple,
+                            requeue,
+                        } => self.settle(channel, delivery_tag, multiple, requeue)?,
+                    }
+                }
+                self.send(channel, TxCommitOk {});
+            }
+            Method::TxRollback(_) => {
+                self.take_tx(channel)?;
+                self.send(channel, TxRollbackOk {});
+            }
+            Method::ConfirmSelect(m) => {
+                let transactional = self.with_channel(channel, |c| c.tx.is_some());
+                if transactional {
+                    return Err(AmqpError::channel(
+                        ReplyCode::PreconditionFailed,
+                        "cannot switch from tx to confirm mode",
+                    ));
+                }
+                self.with_channel(channel, |c| {
+                    c.confirm.get_or_insert_with(Confirms::default);
+                });
+                self.reply(channel, m.nowait, ConfirmSelectOk {});
+            }
+            other => {
+                return Err(AmqpError::connection(
+                    ReplyCode::CommandInvalid,
+                    format_args!("unexpected method {}", other.name()),
+                ))
+            }
+        }
+        Ok(())
+    }
+
+    async fn meta(
+        self: &Rc<Self>,
+        vhost: &ShortStr,
+        request: MetaRequest,
+    ) -> Result<MetaOutcome, AmqpError> {
+        self.shard.meta(vhost, self.me(), request).await
+    }
+
+    async fn queue_stats(&self, owner: ShardId, vhost: &ShortStr, name: &ShortStr) -> (u32, u32) {
+        let queue = QueueKey {
+            vhost: vhost.clone(),
+            name: name.clone(),
+        };
+        match self
+            .shard
+            .request(owner, |token| ShardMessage::Stats { token, queue })
+            .await
+        {
+            Some(Reply::Stats(Some(stats))) => stats,
+            _ => (0, 0),
+        }
+    }
+
+    /// An empty queue name stands for the channel's last declared queue.
+    fn queue_name(&self, channel: u16, name: &ShortStr) -> Result<ShortStr, AmqpError> {
+        if !name.is_empty() {
+            return Ok(name.clone());
+        }
+        self.with_channel(channel, |c| c.last_queue.clone())
+            .ok_or_else(|| AmqpError::channel(ReplyCode::NotFound, "no previously declared queue"))
+    }
+
+    /// Resolves a queue this connection may use: it exists, and is not another connection's
+    /// exclusive queue.
+    fn accessible_queue(
+        &self,
+        channel: u16,
+        vhost: &ShortStr,
+        name: &ShortStr,
+    ) -> Result<(QueueKey, ShardId), AmqpError> {
+        let name = self.queue_name(channel, name)?;
+        let key = QueueKey {
+            vhost: vhost.clone(),
+            name,
+        };
+        let def = self.shard.queue_def(&key).ok_or_else(|| no_queue(&key))?;
+        if def.exclusive.is_some_and(|owner| owner != self.me()) {
+            return Err(AmqpError::channel(
+                ReplyCode::ResourceLocked,
+                format_args!(
+                    "cannot obtain exclusive access to locked queue '{}' in vhost '{}'",
+                    key.name, key.vhost
+                ),
+            ));
+        }
+        Ok((key, def.owner))
+    }
+
+    fn check_publish(
+        &self,
+        vhost: &ShortStr,
+        exchange: &ShortStr,
+        content: &Content,
+    ) -> Result<(), AmqpError> {
+        if !exchange.is_empty() {
+            let def = self
+                .shard
+                .with_routing(vhost, |r| r.exchange(exchange).cloned())
+                .flatten();
+            match def {
+                None => {
+                    return Err(AmqpError::channel(
+                        ReplyCode::NotFound,
+                        format_args!("no exchange '{exchange}' in vhost '{vhost}'"),
+                    ))
+                }
+                Some(def) if def.internal => {
+                    return Err(AmqpError::channel(
+                        ReplyCode::AccessRefused,
+                        format_args!(
+                            "cannot publish to internal exchange '{exchange}' in vhost '{vhost}'"
+                        ),
+                    ))
+                }
+                Some(_) => {}
+            }
+        }
+        if let Some(user_id) = &content.header.properties.user_id {
+            let machine = self.machine.borrow();
+            let user = machine.user().unwrap_or("");
+            if user_id.as_bytes() != user.as_bytes() {
+                return Err(AmqpError::channel(
+                    ReplyCode::PreconditionFailed,
+                    format_args!(
+                        "user_id property set to '{user_id}' but authenticated user was '{user}'"
+                    ),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Routes and enqueues one message; confirms and returns as the channel's mode asks.
+    fn publish(
+        self: &Rc<Self>,
+        channel: u16,
+        vhost: &ShortStr,
+        exchange: &ShortStr,
+        routing_key: &ShortStr,
+        mandatory: bool,
+        content: Content,
+    ) {
+        let mut queues = Vec::new();
+        self.shard.with_routing(vhost, |r| {
+            r.route(
+                exchange,
+                routing_key,
+                content.header.properties.headers.as_ref(),
+                &mut queues,
+            )
+        });
+        let seq = self.with_channel(channel, |c| {
+            c.confirm.as_mut().map(|confirms| {
+                confirms.next_seq += 1;
+                confirms.next_seq
+            })
+        });
+        let message = Message::new(
+            exchange.as_bytes(),
+            routing_key.as_bytes(),
+            &content.header.raw_properties,
+            content.body,
+            content.header.properties.is_persistent(),
+        );
+        if queues.is_empty() {
+            if mandatory {
+                let returned = BasicReturn {
+                    reply_code: ReplyCode::NoRoute.code(),
+                    reply_text: ShortStr::from_static("NO_ROUTE"),
+                    exchange: exchange.clone(),
+                    routing_key: routing_key.clone(),
+                };
+                self.machine.borrow_mut().send_content(
+                    channel,
+                    &returned.into(),
+                    message.properties(),
+                    message.body(),
+                );
+                self.write_wanted.notify();
+            }
+            if let Some(seq) = seq {
+                self.with_channel(channel, |c| {
+                    if let Some(confirms) = &mut c.confirm {
+                        confirms.pending.insert(seq, 0);
+                    }
+                });
+                self.confirmed(channel, seq);
+            }
+            return;
+        }
+        // One Publish per owning shard, carrying every target queue it owns.
+        let mut by_owner: Vec<(ShardId, Vec<ShortStr>)> = Vec::new();
+        self.shard.with_routing(vhost, |r| {
+            for queue in queues.drain(..) {
+                let Some(owner) = r.queue(&queue).map(|q| q.owner) else {
+                    continue;
+                };
+                match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+                    Some((_, list)) => list.push(queue),
+                    None => by_owner.push((owner, vec![queue])),
+                }
+            }
+        });
+        if let Some(seq) = seq {
+            let owners = by_owner.len() as u32;
+            self.with_channel(channel, |c| {
+                if let Some(confirms) = &mut c.confirm {
+                    confirms.pending.insert(seq, owners);
+                }
+            });
+        }
+        for (owner, queues) in by_owner {
+            self.shard.post(
+                owner,
+                ShardMessage::Publish {
+                    vhost: vhost.clone(),
+                    queues,
+                    message: message.clone(),
+                    confirm: seq.map(|seq| ConfirmTo {
+                        connection: self.connection,
+                        channel,
+                        seq,
+                    }),
+                },
+            );
+        }
+    }
+
+    fn take_tx(&self, channel: u16) -> Result<Vec<TxOp>, AmqpError> {
+        self.with_channel(channel, |c| c.tx.as_mut().map(std::mem::take))
+            .ok_or_else(|| {
+                AmqpError::channel(
+                    ReplyCode::PreconditionFailed,
+                    "channel is not transactional",
+                )
+            })
+    }
+
+    fn settle_or_defer(
+        &self,
+        channel: u16,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), AmqpError> {
+        let deferred = self.with_channel(channel, |c| match &mut c.tx {
+            Some(tx) => {
+                tx.push(TxOp::Settle {
+                    delivery_tag,
+                    multiple,
+                    requeue,
+                });
+                true
+            }
+            None => false,
+        });
+        if deferred {
+            return Ok(());
+        }
+        self.settle(channel, delivery_tag, multiple, requeue)
+    }
+
+    /// ack (`requeue` None), nack or reject of one tag or, with `multiple`, every tag up to it.
+    fn settle(
+        &self,
+        channel: u16,
+        delivery_tag: u64,
+        multiple: bool,
+        requeue: Option<bool>,
+    ) -> Result<(), AmqpError> {
+        let settlement = match requeue {
+            None => Settlement::Ack,
+            Some(true) => Settlement::Requeue,
+            Some(false) => Settlement::Drop,
+        };
+        let settled: Vec<Unacked> = self.with_channel(channel, |c| {
+            if multiple {
+                let upper = if delivery_tag == 0 {
+                    u64::MAX
+                } else {
+                    delivery_tag
+                };
+                if delivery_tag != 0 && !c.unacked.contains_key(&delivery_tag) {
+                    return Err(unknown_tag(delivery_tag));
+                }
+                let keep = c.unacked.split_off(&upper.saturating_add(1));
+                let taken = std::mem::replace(&mut c.unacked, keep);
+                Ok(taken.into_values().collect())
+            } else {
+                c.unacked
+                    .remove(&delivery_tag)
+                    .map(|u| vec![u])
+                    .ok_or_else(|| unknown_tag(delivery_tag))
+            }
+        })?;
+        self.release(settled, settlement);
+        Ok(())
+    }
+
+    /// Tells owners what happened to `deliveries` and refills the credit they used.
+    fn release(&self, deliveries: Vec<Unacked>, settlement: Settlement) {
+        let requeue = settlement == Settlement::Requeue;
+        let mut by_queue: Vec<(QueueKey, ShardId, Vec<MessageId>)> = Vec::new();
+        let mut credit: HashMap<u64, u32> = HashMap::new();
+        for unacked in deliveries {
+            if let Some(consumer) = unacked.consumer {
+                *credit.entry(consumer).or_default() += 1;
+            }
+            match by_queue.iter_mut().find(|(q, _, _)| *q == unacked.queue) {
+                Some((_, _, ids)) => ids.push(unacked.id),
+                None => by_queue.push((unacked.queue, unacked.owner, vec![unacked.id])),
+            }
+        }
+        for (queue, owner, ids) in by_queue {
+            self.shard.post(
+                owner,
+                ShardMessage::Settle {
+                    queue,
+                    ids,
+                    requeue,
+                },
+            );
+        }
+        let state = self.state.borrow();
+        for (id, amount) in credit {
+            if let Some(consumer) = state.consumers.get(&id) {
+                if consumer.refill_on_ack {
+                    self.shard.post(
+                        consumer.owner,
+                        ShardMessage::Credit {
+                            queue: consumer.queue.clone(),
+                            consumer: self.shard.consumer_key(self.connection, id),
+                            amount,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    fn recover(&self, channel: u16, requeue: bool) -> Result<(), AmqpError> {
+        if !requeue {
+            return Err(AmqpError::connection(
+                ReplyCode::NotImplemented,
+                "requeue=false",
+            ));
+        }
+        let all: Vec<Unacked> = self.with_channel(channel, |c| {
+            std::mem::take(&mut c.unacked).into_values().collect()
+        });
+        self.release(all, Settlement::Requeue);
+        Ok(())
+    }
+
+    /// Releases everything a closed channel held: its consumers go, its unacked messages are
+    /// requeued by their owners.
+    pub fn channel_closed(&self, channel: u16) {
+        let Some(state) = self.state.borrow_mut().channels.remove(&channel) else {
+            return;
+        };
+        let mut queues: Vec<(ShardId, QueueKey)> = Vec::new();
+        {
+            let mut session = self.state.borrow_mut();
+            for id in state.consumers.values() {
+                if let Some(consumer) = session.consumers.remove(id) {
+                    queues.push((consumer.owner, consumer.queue));
+                }
+            }
+        }
+        for unacked in state.unacked.values() {
+            queues.push((unacked.owner, unacked.queue.clone()));
+        }
+        queues.sort();
+        queues.dedup();
+        let channel_key = self.shard.channel_key(self.connection, channel);
+        let mut by_owner: Vec<(ShardId, Vec<QueueKey>)> = Vec::new();
+        for (owner, queue) in queues {
+            match by_owner.iter_mut().find(|(o, _)| *o == owner) {
+                Some((_, list)) => list.push(queue),
+                None => by_owner.push((owner, vec![queue])),
+            }
+        }
+        for (owner, queues) in by_owner {
+            self.shard.post(
+                owner,
+                ShardMessage::ChannelClosed {
+                    channel: channel_key,
+                    queues,
+                },
+            );
+        }
+    }
+
+    /// The connection ended: release every channel and drop its exclusive queues.
+    pub fn connection_closed(&self) {
+        let channels: Vec<u16> = self.state.borrow().channels.keys().copied().collect();
+        for channel in channels {
+            self.channel_closed(channel);
+        }
+        let vhosts = self.machine.borrow().vhost().map(str::to_string);
+        if let Some(vhost) = vhosts {
+            self.shard.post(
+                super::shard::COORDINATOR,
+                ShardMessage::Meta {
+                    token: 0,
+                    vhost: ShortStr::try_from(vhost).unwrap_or_default(),
+                    requester: self.me(),
+                    request: MetaRequest::ConnectionClosed,
+                },
+            );
+        }
+        self.shard.unregister_connection(self.connection);
+    }
+
+    /// Grants window credit earned by written deliveries (called after the writer drained).
+    pub fn on_drained(&self) {
+        let mut state = self.state.borrow_mut();
+        for (id, consumer) in state.consumers.iter_mut() {
+            if consumer.window_owed > 0 {
+                self.shard.post(
+                    consumer.owner,
+                    ShardMessage::Credit {
+                        queue: consumer.queue.clone(),
+                        consumer: self.shard.consumer_key(self.connection, *id),
+                        amount: std::mem::take(&mut consumer.window_owed),
+                    },
+                );
+            }
+        }
+    }
+
+    fn send_acks(&self, channel: u16) {
+        let ack = self.with_channel(channel, |c| {
+            let confirms = c.confirm.as_mut()?;
+            let lowest_pending = confirms
+                .pending
+                .iter()
+                .find(|(_, remaining)| **remaining > 0)
+                .map(|(seq, _)| *seq)
+                .unwrap_or(confirms.next_seq + 1);
+            let confirmed_up_to = lowest_pending - 1;
+            if confirmed_up_to <= confirms.acked_up_to {
+                return None;
+            }
+            let multiple = confirmed_up_to - confirms.acked_up_to > 1;
+            confirms.acked_up_to = confirmed_up_to;
+            // Drop the settled entries below the watermark.
+            confirms.pending = confirms.pending.split_off(&lowest_pending);
+            Some(BasicAck {
+                delivery_tag: confirmed_up_to,
+                multiple,
+            })
+        });
+        if let Some(ack) = ack {
+            self.send(channel, ack);
+        }
+    }
+}
+
+fn short(bytes: &[u8]) -> ShortStr {
+    ShortStr::from_bytes(bytes::Bytes::copy_from_slice(bytes)).unwrap_or_default()
+}
+
+fn unknown_tag(delivery_tag: u64) -> AmqpError {
+    AmqpError::channel(
+        ReplyCode::PreconditionFailed,
+        format_args!("unknown delivery tag {delivery_tag}"),
+    )
+}
+
+impl ConnectionPort for Session {
+    fn deliver(&self, delivery: IncomingDelivery) -> bool {
+        let (channel, tag, no_ack, refill_on_ack) = {
+            let state = self.state.borrow();
+            let Some(consumer) = state.consumers.get(&delivery.consumer) else {
+                return false;
+            };
+            (
+                consumer.channel,
+                consumer.tag.clone(),
+                consumer.no_ack,
+                consumer.refill_on_ack,
+            )
+        };
+        if !self.machine.borrow().is_channel_open(channel) {
+            return false;
+        }
+        let delivery_tag = self.with_channel(channel, |c| {
+            c.next_delivery_tag += 1;
+            let tag = c.next_delivery_tag;
+            if !no_ack {
+                c.unacked.insert(
+                    tag,
+                    Unacked {
+                        queue: delivery.queue.clone(),
+                        owner: delivery.owner,
+                        id: delivery.id,
+                        consumer: Some(delivery.consumer),
+                    },
+                );
+            }
+            tag
+        });
+        let message = &delivery.message;
+        let deliver = BasicDeliver {
+            consumer_tag: tag,
+            delivery_tag,
+            redelivered: delivery.redelivered,
+            exchange: short(message.exchange()),
+            routing_key: short(message.routing_key()),
+        };
+        let outbound_full = {
+            let mut machine = self.machine.borrow_mut();
+            machine.send_content(
+                channel,
+                &deliver.into(),
+                message.properties(),
+                message.body(),
+            );
+            machine.outbound().len() > self.outbound_bytes_max
+        };
+        self.write_wanted.notify();
+        if !refill_on_ack {
+            // Window credit: earned now, granted in batches, held back while the socket lags.
+            let grant = {
+                let mut state = self.state.borrow_mut();
+                let Some(consumer) = state.consumers.get_mut(&delivery.consumer) else {
+                    return true;
+                };
+                consumer.window_owed += 1;
+                let batch = (self.consumer_window / 4).max(1);
+                (!outbound_full && consumer.window_owed >= batch).then(|| {
+                    (
+                        consumer.owner,
+                        consumer.queue.clone(),
+                        std::mem::take(&mut consumer.window_owed),
+                    )
+                })
+            };
+            if let Some((owner, queue, amount)) = grant {
+                self.shard.post(
+                    owner,
+                    ShardMessage::Credit {
+                        queue,
+                        consumer: self.shard.consumer_key(self.connection, delivery.consumer),
+                        amount,
+                    },
+                );
+            }
+        }
+        true
+    }
+
+    fn consumer_cancelled(&self, consumer: u64) {
+        let Some(state) = self.state.borrow_mut().consumers.remove(&consumer) else {
+            return;
+        };
+        self.with_channel(state.channel, |c| c.consumers.remove(&state.tag));
+        let notify = self.machine.borrow().client().consumer_cancel_notify;
+        debug!(
+            "connection {}: consumer '{}' cancelled by the broker (queue '{}' deleted)",
+            self.connection, state.tag, state.queue.name
+        );
+        if notify && self.machine.borrow().is_channel_open(state.channel) {
+            self.send(
+                state.channel,
+                BasicCancel {
+                    consumer_tag: state.tag,
+                    no_wait: true,
+                },
+            );
+        }
+    }
+
+    fn confirmed(&self, channel: u16, seq: u64) {
+        let known = self.with_channel(channel, |c| {
+            let Some(confirms) = &mut c.confirm else {
+                return false;
+            };
+            match confirms.pending.get_mut(&seq) {
+                Some(remaining) => {
+                    *remaining = remaining.saturating_sub(1);
+                    true
+                }
+                None => false,
+            }
+        });
+        if known && self.machine.borrow().is_channel_open(channel) {
+            self.send_acks(channel);
+        }
+    }
+}

@@ -1,0 +1,692 @@
+//! One shard's broker state: its copy of every vhost's routing table, the queues it owns, the
+//! connections it serves, and its mailbox.
+//!
+//! Everything a shard sends — to another shard or to itself — goes through [`ShardBroker::post`]
+//! into a per-destination outbox, flushed by a task that runs once the current task yields. So:
+//! - messages to one destination keep their order (one outbox, one FIFO mesh channel);
+//! - everything produced while handling one read or one incoming batch leaves as one mesh send;
+//! - a message to this same shard is handled by the flush task, never re-entrantly inside the
+//!   code that posted it (a connection may be mid-borrow when it publishes to its own queue).
+//!
+//! Invariant: a queue in `queues` is owned by this shard in every routing table copy.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::time::Duration;
+
+use ahash::{HashMap, HashMapExt};
+use log::{debug, warn};
+use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery};
+use shards::{Queue, ShardId};
+
+use super::coordinator::Coordinator;
+use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
+use super::oneshot;
+use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
+use crate::codec::{ReplyCode, ShortStr};
+use crate::config::{Config, QueuePlacement};
+use crate::connection::error::AmqpError;
+use crate::runtime::mesh::{Mesh, SendError};
+use crate::runtime::sync::Signal;
+
+/// The coordinator of metadata changes lives on this shard.
+pub const COORDINATOR: ShardId = ShardId(0);
+
+/// What the broker needs from a local connection to hand it deliveries and confirms.
+pub trait ConnectionPort {
+    /// A message for one of the connection's consumers. Returns false if the consumer is gone
+    /// (the caller then requeues the message).
+    fn deliver(&self, delivery: IncomingDelivery) -> bool;
+    /// The queue behind a consumer was deleted.
+    fn consumer_cancelled(&self, consumer: u64);
+    /// The owner of a published message has it.
+    fn confirmed(&self, channel: u16, seq: u64);
+}
+
+/// A delivery as it reaches the consumer's connection.
+#[derive(Debug, Clone)]
+pub struct IncomingDelivery {
+    pub consumer: u64,
+    pub queue: QueueKey,
+    pub owner: ShardId,
+    pub id: shards::MessageId,
+    pub message: shards::Message,
+    pub redelivered: bool,
+}
+
+struct OwnedQueue {
+    queue: Queue,
+    auto_delete: bool,
+    /// Auto-delete applies once a queue has had a consumer.
+    had_consumer: bool,
+}
+
+/// Counters of what crossed the mesh, for logs and tests.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct MeshCounters {
+    pub batches_sent: u64,
+    pub messages_sent: u64,
+    pub deliveries_received: u64,
+    pub publishes_received: u64,
+}
+
+pub struct ShardBroker {
+    pub id: ShardId,
+    shard_count: usize,
+    mesh: Rc<Mesh<Vec<ShardMessage>>>,
+    routing: RefCell<HashMap<ShortStr, VhostRouting>>,
+    queues: RefCell<HashMap<QueueKey, OwnedQueue>>,
+    connections: RefCell<HashMap<u64, Rc<dyn ConnectionPort>>>,
+    pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
+    next_token: Cell<u64>,
+    outbox: RefCell<Vec<Vec<ShardMessage>>>,
+    flush_scheduled: Cell<bool>,
+    /// Raised when a congested outbox drained (readers waiting on back-pressure resume).
+    pub outbox_drained: Signal,
+    outbox_messages_max: usize,
+    coordinator: Option<Rc<Coordinator>>,
+    placement: QueuePlacement,
+    next_placement: Cell<usize>,
+    counters: Cell<MeshCounters>,
+}
+
+impl ShardBroker {
+    pub fn new(
+        id: ShardId,
+        shard_count: usize,
+        mesh: Rc<Mesh<Vec<ShardMessage>>>,
+        config: &Config,
+    ) -> Rc<ShardBroker> {
+        let routing = config
+            .vhosts
+            .iter()
+            .map(|vhost| {
+                (
+                    ShortStr::try_from(vhost.as_str()).unwrap_or_default(),
+                    VhostRouting::new(),
+                )
+            })
+            .collect();
+        let broker = Rc::new(ShardBroker {
+            id,
+            shard_count,
+            mesh,
+            routing: RefCell::new(routing),
+            queues: RefCell::new(HashMap::new()),
+            connections: RefCell::new(HashMap::new()),
+            pending: RefCell::new(HashMap::new()),
+            next_token: Cell::new(1),
+            outbox: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
+            flush_scheduled: Cell::new(false),
+            outbox_drained: Signal::default(),
+            outbox_messages_max: config.runtime.mesh_channel_capacity * 64,
+            coordinator: (id == COORDINATOR).then(Coordinator::new),
+            placement: config.queues.placement,
+            next_placement: Cell::new(0),
+            counters: Cell::new(MeshCounters::default()),
+        });
+        if let Some(coordinator) = &broker.coordinator {
+            coordinator.start(broker.clone());
+        }
+        broker
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shard_count
+    }
+
+    pub fn counters(&self) -> MeshCounters {
+        self.counters.get()
+    }
+
+    fn count(&self, update: impl FnOnce(&mut MeshCounters)) {
+        let mut counters = self.counters.get();
+        update(&mut counters);
+        self.counters.set(counters);
+    }
+
+    /// Runs `read` against the routing table of `vhost` (None if the vhost does not exist).
+    pub fn with_routing<T>(
+        &self,
+        vhost: &ShortStr,
+        read: impl FnOnce(&VhostRouting) -> T,
+    ) -> Option<T> {
+        self.routing.borrow().get(vhost).map(read)
+    }
+
+    pub fn register_connection(&self, id: u64, port: Rc<dyn ConnectionPort>) {
+        self.connections.borrow_mut().insert(id, port);
+    }
+
+    pub fn unregister_connection(&self, id: u64) {
+        self.connections.borrow_mut().remove(&id);
+    }
+
+    /// Whether outgoing traffic is piling up faster than the mesh takes it: readers should pause.
+    pub fn is_backlogged(&self) -> bool {
+        let total: usize = self.outbox.borrow().iter().map(Vec::len).sum();
+        total > self.outbox_messages_max
+    }
+
+    /// Queues `message` for `to` (possibly this shard); it leaves when the current task yields.
+    pub fn post(self: &Rc<Self>, to: ShardId, message: ShardMessage) {
+        if let Some(outbox) = self.outbox.borrow_mut().get_mut(to.index()) {
+            outbox.push(message);
+        } else {
+            warn!("{}: message for unknown {to} dropped", self.id);
+            return;
+        }
+        if !self.flush_scheduled.replace(true) {
+            let shard = self.clone();
+            glommio::spawn_local(async move { shard.flush().await }).detach();
+        }
+    }
+
+    /// Sends a request and returns the future of its reply.
+    pub fn request(
+        self: &Rc<Self>,
+        to: ShardId,
+        make: impl FnOnce(u64) -> ShardMessage,
+    ) -> oneshot::Receiver<Reply> {
+        let token = self.next_token.get();
+        self.next_token.set(token + 1);
+        let (sender, receiver) = oneshot::channel();
+        self.pending.borrow_mut().insert(token, sender);
+        self.post(to, make(token));
+        receiver
+    }
+
+    /// Asks the coordinator for a metadata change and waits for its answer.
+    pub async fn meta(
+        self: &Rc<Self>,
+        vhost: &ShortStr,
+        requester: ConnectionRef,
+        request: MetaRequest,
+    ) -> Result<super::messages::MetaOutcome, AmqpError> {
+        let vhost = vhost.clone();
+        let reply = self
+            .request(COORDINATOR, |token| ShardMessage::Meta {
+                token,
+                vhost,
+                requester,
+                request,
+            })
+            .await;
+        match reply {
+            Some(Reply::Meta(result)) => result,
+            other => Err(internal_error("metadata request", &other)),
+        }
+    }
+
+    async fn flush(self: Rc<Self>) {
+        // glommio polls a new task at once; yield so that the task that posted finishes first
+        // (and everything it posts joins this batch).
+        futures_lite::future::yield_now().await;
+        loop {
+            // Take everything queued so far; handling local messages may queue more.
+            let batches: Vec<(usize, Vec<ShardMessage>)> = {
+                let mut outbox = self.outbox.borrow_mut();
+                outbox
+                    .iter_mut()
+                    .enumerate()
+                    .filter(|(_, batch)| !batch.is_empty())
+                    .map(|(index, batch)| (index, std::mem::take(batch)))
+                    .collect()
+            };
+            if batches.is_empty() {
+                break;
+            }
+            let mut congested = false;
+            for (index, batch) in batches {
+                let to = ShardId(index);
+                if to == self.id {
+                    for message in batch {
+                        self.handle(self.id, message);
+                    }
+                    continue;
+                }
+                let count = batch.len() as u64;
+                match self.mesh.send(to, batch) {
+                    Ok(()) => self.count(|c| {
+                        c.batches_sent += 1;
+                        c.messages_sent += count;
+                    }),
+                    Err(SendError::Congested(crate::runtime::mesh::Envelope::Message(batch))) => {
+                        // Put it back in front of anything queued since, and retry shortly.
+                        let mut outbox = self.outbox.borrow_mut();
+                        let newer = std::mem::replace(&mut outbox[index], batch);
+                        outbox[index].extend(newer);
+                        congested = true;
+                    }
+                    Err(error) => warn!("{}: dropped a batch for {to}: {error}", self.id),
+                }
+            }
+            if congested {
+                glommio::timer::sleep(Duration::from_millis(1)).await;
+            }
+        }
+        self.flush_scheduled.set(false);
+        self.outbox_drained.notify_all();
+    }
+
+    /// The mailbox: handles one message from `from` (another shard, or this one).
+    pub fn handle(self: &Rc<Self>, from: ShardId, message: ShardMessage) {
+        match message {
+            ShardMessage::Meta {
+                token,
+                vhost,
+                requester,
+                request,
+            } => match &self.coordinator {
+                Some(coordinator) => coordinator.submit(from, token, vhost, requester, request),
+                None => warn!("{}: metadata request sent to a non-coordinator", self.id),
+            },
+            ShardMessage::Apply { token, vhost, op } => {
+                self.apply_meta(&vhost, &op);
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Applied,
+                    },
+                );
+            }
+            ShardMessage::Publish {
+                vhost,
+                queues,
+                message,
+                confirm,
+            } => {
+                self.count(|c| c.publishes_received += u64::from(from != self.id));
+                for name in queues {
+                    let key = QueueKey {
+                        vhost: vhost.clone(),
+                        name,
+                    };
+                    let published = match self.queues.borrow_mut().get_mut(&key) {
+                        Some(owned) => {
+                            owned.queue.publish(message.clone());
+                            true
+                        }
+                        None => false,
+                    };
+                    if published {
+                        self.dispatch(&key);
+                    }
+                }
+                if let Some(confirm) = confirm {
+                    self.post(from, ShardMessage::Confirmed(confirm));
+                }
+            }
+            ShardMessage::Confirmed(confirm) => {
+                let port = self.connections.borrow().get(&confirm.connection).cloned();
+                if let Some(port) = port {
+                    port.confirmed(confirm.channel, confirm.seq);
+                }
+            }
+            ShardMessage::Consume {
+                token,
+                queue,
+                consumer,
+            } => {
+                let result = match self.queues.borrow_mut().get_mut(&queue) {
+                    None => Err(no_queue(&queue)),
+                    Some(owned) => match owned.queue.add_consumer(consumer) {
+                        Ok(()) => {
+                            owned.had_consumer = true;
+                            Ok(())
+                        }
+                        Err(ConsumeRefusal::ExclusiveConsumerPresent) => Err(AmqpError::channel(
+                            ReplyCode::AccessRefused,
+                            format_args!(
+                                "queue '{}' in vhost '{}' in exclusive use",
+                                queue.name, queue.vhost
+                            ),
+                        )),
+                        Err(ConsumeRefusal::ConsumersPresent) => Err(AmqpError::channel(
+                            ReplyCode::AccessRefused,
+                            format_args!(
+                                "cannot obtain exclusive access to queue '{}' in vhost '{}': \
+                                 it has consumers",
+                                queue.name, queue.vhost
+                            ),
+                        )),
+                    },
+                };
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Consume(result),
+                    },
+                );
+            }
+            ShardMessage::Cancel { queue, consumer } => {
+                let removed = self
+                    .queues
+                    .borrow_mut()
+                    .get_mut(&queue)
+                    .is_some_and(|owned| owned.queue.remove_consumer(consumer));
+                if removed {
+                    self.after_consumer_removed(&queue);
+                }
+            }
+            ShardMessage::Credit {
+                queue,
+                consumer,
+                amount,
+            } => {
+                if let Some(owned) = self.queues.borrow_mut().get_mut(&queue) {
+                    owned.queue.grant_credit(consumer, amount);
+                }
+                self.dispatch(&queue);
+            }
+            ShardMessage::Settle {
+                queue,
+                ids,
+                requeue,
+            } => {
+                if let Some(owned) = self.queues.borrow_mut().get_mut(&queue) {
+                    if requeue {
+                        owned.queue.requeue(&ids);
+                    } else {
+                        owned.queue.ack(&ids);
+                    }
+                }
+                if requeue {
+                    self.dispatch(&queue);
+                }
+            }
+            ShardMessage::Get {
+                token,
+                queue,
+                channel,
+                no_ack,
+            } => {
+                let result = match self.queues.borrow_mut().get_mut(&queue) {
+                    None => Err(no_queue(&queue)),
+                    Some(owned) => Ok(owned.queue.get(channel, no_ack)),
+                };
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Get(result),
+                    },
+                );
+            }
+            ShardMessage::Purge { token, queue } => {
+                let result = match self.queues.borrow_mut().get_mut(&queue) {
+                    None => Err(no_queue(&queue)),
+                    Some(owned) => Ok(owned.queue.purge()),
+                };
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Count(result),
+                    },
+                );
+            }
+            ShardMessage::Stats { token, queue } => {
+                let stats = self
+                    .queues
+                    .borrow()
+                    .get(&queue)
+                    .map(|owned| (owned.queue.message_count(), owned.queue.consumer_count()));
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Stats(stats),
+                    },
+                );
+            }
+            ShardMessage::ChannelClosed { channel, queues } => {
+                for queue in queues {
+                    let removed = match self.queues.borrow_mut().get_mut(&queue) {
+                        Some(owned) => {
+                            let removed = owned.queue.remove_consumers_of(channel);
+                            owned.queue.requeue_all_of(channel);
+                            !removed.is_empty()
+                        }
+                        None => false,
+                    };
+                    if removed {
+                        self.after_consumer_removed(&queue);
+                    }
+                    self.dispatch(&queue);
+                }
+            }
+            ShardMessage::DeleteQueueData {
+                token,
+                queue,
+                if_unused,
+                if_empty,
+            } => {
+                let result = self.delete_queue_data(&queue, if_unused, if_empty);
+                self.post(
+                    from,
+                    ShardMessage::Reply {
+                        token,
+                        reply: Reply::Count(result),
+                    },
+                );
+            }
+            ShardMessage::Deliver {
+                consumer,
+                queue,
+                owner,
+                id,
+                message,
+                redelivered,
+            } => {
+                self.count(|c| c.deliveries_received += u64::from(from != self.id));
+                let port = self.connections.borrow().get(&consumer.connection).cloned();
+                let delivered = port.is_some_and(|port| {
+                    port.deliver(IncomingDelivery {
+                        consumer: consumer.consumer,
+                        queue: queue.clone(),
+                        owner,
+                        id,
+                        message,
+                        redelivered,
+                    })
+                });
+                if !delivered {
+                    // The consumer went away while the message travelled: give it back.
+                    self.post(
+                        owner,
+                        ShardMessage::Settle {
+                            queue,
+                            ids: vec![id],
+                            requeue: true,
+                        },
+                    );
+                }
+            }
+            ShardMessage::ConsumerCancelled { consumer } => {
+                let port = self.connections.borrow().get(&consumer.connection).cloned();
+                if let Some(port) = port {
+                    port.consumer_cancelled(consumer.consumer);
+                }
+            }
+            ShardMessage::Reply { token, reply } => {
+                let sender = self.pending.borrow_mut().remove(&token);
+                if let Some(sender) = sender {
+                    sender.send(reply);
+                }
+            }
+        }
+    }
+
+    /// Delivers what the queue's consumers have credit for.
+    fn dispatch(self: &Rc<Self>, key: &QueueKey) {
+        let mut deliveries: Vec<Delivery> = Vec::new();
+        if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
+            owned.queue.dispatch(&mut deliveries);
+        }
+        for delivery in deliveries {
+            self.post(
+                delivery.consumer.shard,
+                ShardMessage::Deliver {
+                    consumer: delivery.consumer,
+                    queue: key.clone(),
+                    owner: self.id,
+                    id: delivery.id,
+                    message: delivery.message,
+                    redelivered: delivery.redelivered,
+                },
+            );
+        }
+    }
+
+    fn after_consumer_removed(self: &Rc<Self>, key: &QueueKey) {
+        let unused_auto_delete = self.queues.borrow().get(key).is_some_and(|owned| {
+            owned.auto_delete && owned.had_consumer && owned.queue.consumer_count() == 0
+        });
+        if unused_auto_delete {
+            debug!(
+                "{}: auto-delete queue '{}' lost its last consumer",
+                self.id, key.name
+            );
+            self.post(
+                COORDINATOR,
+                ShardMessage::Meta {
+                    token: 0,
+                    vhost: key.vhost.clone(),
+                    requester: ConnectionRef {
+                        shard: self.id,
+                        connection: u64::MAX,
+                    },
+                    request: MetaRequest::AutoDeleteQueue {
+                        name: key.name.clone(),
+                    },
+                },
+            );
+        }
+    }
+
+    fn delete_queue_data(
+        self: &Rc<Self>,
+        key: &QueueKey,
+        if_unused: bool,
+        if_empty: bool,
+    ) -> Result<u32, AmqpError> {
+        let mut queues = self.queues.borrow_mut();
+        let Some(owned) = queues.get(key) else {
+            return Ok(0);
+        };
+        if if_unused && owned.queue.consumer_count() > 0 {
+            return Err(AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                format_args!("queue '{}' in vhost '{}' in use", key.name, key.vhost),
+            ));
+        }
+        if if_empty && owned.queue.message_count() > 0 {
+            return Err(AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                format_args!("queue '{}' in vhost '{}' not empty", key.name, key.vhost),
+            ));
+        }
+        let Some(owned) = queues.remove(key) else {
+            return Ok(0);
+        };
+        drop(queues);
+        for consumer in owned.queue.consumers() {
+            self.post(
+                consumer.key.shard,
+                ShardMessage::ConsumerCancelled {
+                    consumer: consumer.key,
+                },
+            );
+        }
+        Ok(owned.queue.message_count())
+    }
+
+    /// Applies a validated metadata change to this shard's copy; creates or drops the queue
+    /// if this shard owns it.
+    pub fn apply_meta(self: &Rc<Self>, vhost: &ShortStr, op: &MetaOp) {
+        if let Some(routing) = self.routing.borrow_mut().get_mut(vhost) {
+            routing.apply(op);
+        }
+        match op {
+            MetaOp::DeclareQueue(def) if def.owner == self.id => {
+                let key = QueueKey {
+                    vhost: vhost.clone(),
+                    name: def.name.clone(),
+                };
+                self.queues
+                    .borrow_mut()
+                    .entry(key)
+                    .or_insert_with(|| OwnedQueue {
+                        queue: Queue::new(),
+                        auto_delete: def.auto_delete,
+                        had_consumer: false,
+                    });
+            }
+            MetaOp::DeleteQueue { name } => {
+                let key = QueueKey {
+                    vhost: vhost.clone(),
+                    name: name.clone(),
+                };
+                // Normally gone already (DeleteQueueData); an exclusive queue's owner may learn
+                // of the delete only here.
+                if self.queues.borrow().contains_key(&key) {
+                    let _ = self.delete_queue_data(&key, false, false);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The owner of a queue that is about to be created.
+    pub fn place_queue(&self, requester: ConnectionRef) -> ShardId {
+        match self.placement {
+            QueuePlacement::ClientLocal => requester.shard,
+            QueuePlacement::Balanced => {
+                let next = self.next_placement.get();
+                self.next_placement.set(next + 1);
+                ShardId(next % self.shard_count)
+            }
+        }
+    }
+
+    pub fn queue_def(&self, key: &QueueKey) -> Option<QueueDef> {
+        self.routing
+            .borrow()
+            .get(&key.vhost)
+            .and_then(|routing| routing.queue(&key.name).cloned())
+    }
+
+    /// The channel key of a local connection's channel.
+    pub fn channel_key(&self, connection: u64, channel: u16) -> ChannelKey {
+        ChannelKey {
+            shard: self.id,
+            connection,
+            channel,
+        }
+    }
+
+    pub fn consumer_key(&self, connection: u64, consumer: u64) -> ConsumerKey {
+        ConsumerKey {
+            shard: self.id,
+            connection,
+            consumer,
+        }
+    }
+}
+
+pub fn no_queue(queue: &QueueKey) -> AmqpError {
+    AmqpError::channel(
+        ReplyCode::NotFound,
+        format_args!("no queue '{}' in vhost '{}'", queue.name, queue.vhost),
+    )
+}
+
+pub fn internal_error(what: &str, reply: &Option<Reply>) -> AmqpError {
+    AmqpError::connection(
+        ReplyCode::InternalError,
+        format_args!("unexpected answer to {what}: {reply:?}"),
+    )
+}
