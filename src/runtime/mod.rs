@@ -345,6 +345,15 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         Duration::from_millis(config.runtime.shutdown_grace_ms),
     )
     .await;
+    let counters = broker.counters();
+    info!(
+        "{shard}: mesh traffic: {} messages in {} batches sent, {} publishes and {} deliveries \
+         received from other shards",
+        counters.messages_sent,
+        counters.batches_sent,
+        counters.publishes_received,
+        counters.deliveries_received
+    );
     Ok(())
 }
 
