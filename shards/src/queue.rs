@@ -70,6 +70,11 @@ pub struct Consumer {
     pub no_ack: bool,
     pub exclusive: bool,
     pub credit: Credit,
+    /// Credit comes from a pool its channel shares among consumers (basic.qos global): when
+    /// the consumer runs out while messages wait, the queue asks for more (see `dispatch`).
+    pub on_demand: bool,
+    /// Asked for credit and not answered yet: ask once per starvation.
+    pub asked: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +209,22 @@ impl Queue {
         if let Some(consumer) = self.consumers.iter_mut().find(|c| c.key == key) {
             if let Credit::Limited(n) = &mut consumer.credit {
                 *n = n.saturating_add(amount);
+            }
+            consumer.asked = false;
+        }
+    }
+
+    /// On-demand consumers that ran out of credit while messages are ready, each reported once
+    /// until credit is granted again: (consumer, ready messages).
+    pub fn credit_wanted(&mut self, out: &mut Vec<(ConsumerKey, u32)>) {
+        if self.ready.is_empty() {
+            return;
+        }
+        let ready = self.message_count();
+        for consumer in &mut self.consumers {
+            if consumer.on_demand && !consumer.credit.available() && !consumer.asked {
+                consumer.asked = true;
+                out.push((consumer.key, ready));
             }
         }
     }
@@ -364,6 +385,8 @@ mod tests {
             no_ack: false,
             exclusive: false,
             credit,
+            on_demand: false,
+            asked: false,
         }
     }
 
@@ -493,6 +516,30 @@ mod tests {
         assert_eq!(queue.requeue(&[held.id]), 1);
         assert_eq!(queue.message_count(), 1);
         assert_eq!(queue.ready_bytes(), held.message.size_bytes());
+    }
+
+    #[test]
+    fn on_demand_consumers_ask_once_per_starvation() {
+        let mut queue = Queue::new();
+        let mut c = consumer(1, Credit::Limited(0));
+        c.on_demand = true;
+        queue.add_consumer(c).unwrap();
+        let mut wants = Vec::new();
+        queue.credit_wanted(&mut wants);
+        assert!(wants.is_empty(), "nothing ready, nothing to ask for");
+        queue.publish(message("a"));
+        queue.publish(message("b"));
+        queue.credit_wanted(&mut wants);
+        assert_eq!(wants.len(), 1);
+        assert_eq!(wants[0].1, 2);
+        queue.credit_wanted(&mut wants);
+        assert_eq!(wants.len(), 1, "asked already");
+        queue.grant_credit(wants[0].0, 1);
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert_eq!(out.len(), 1);
+        queue.credit_wanted(&mut wants);
+        assert_eq!(wants.len(), 2, "starved again with one ready");
     }
 
     #[test]

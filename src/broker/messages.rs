@@ -180,6 +180,12 @@ pub enum ShardMessage {
         message: Message,
         redelivered: bool,
     },
+    /// To a consumer's shard: an on-demand consumer (shared channel prefetch) has no credit
+    /// while `ready` messages wait.
+    CreditWanted {
+        consumer: ConsumerKey,
+        ready: u32,
+    },
     /// To a consumer's shard: the queue went away under the consumer.
     ConsumerCancelled {
         consumer: ConsumerKey,

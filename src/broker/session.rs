@@ -54,10 +54,22 @@ struct ConsumerState {
     queue: QueueKey,
     owner: ShardId,
     no_ack: bool,
-    /// Credit returns on settlement (a prefetch limit) or on write (the window).
-    refill_on_ack: bool,
+    mode: CreditMode,
     /// Window credits earned by written deliveries and not yet granted.
     window_owed: u32,
+    /// Shared-mode credit granted and not yet used by a delivery.
+    outstanding: u32,
+}
+
+/// Where a consumer's credit comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CreditMode {
+    /// basic.qos global=false: its own limit, refilled as the client settles.
+    Prefetch,
+    /// No limit (prefetch 0 or no-ack): a window refilled as deliveries are written.
+    Window,
+    /// basic.qos global=true: the channel's pool, granted when the queue asks.
+    Shared,
 }
 
 #[derive(Debug, Default)]
@@ -97,6 +109,22 @@ struct ChannelState {
     tx: Option<Vec<TxOp>>,
     /// The queue an empty queue name stands for (the last one declared on this channel).
     last_queue: Option<ShortStr>,
+    /// Shared-pool accounting (basic.qos global=true): unacked deliveries of shared-mode
+    /// consumers and credit granted to them but not used yet. Their sum never exceeds
+    /// `global_prefetch`.
+    shared_unacked: u32,
+    shared_outstanding: u32,
+    /// Shared-mode consumers that asked for credit when the pool was empty.
+    waiting: Vec<(u64, u32)>,
+    /// Deliveries that arrived while channel.flow was off; written when it is back on.
+    paused: Vec<IncomingDelivery>,
+}
+
+impl ChannelState {
+    fn shared_available(&self) -> u32 {
+        u32::from(self.global_prefetch)
+            .saturating_sub(self.shared_unacked + self.shared_outstanding)
+    }
 }
 
 #[derive(Default)]
@@ -372,6 +400,11 @@ impl Session {
                 };
                 self.reply(channel, m.no_wait, QueueDeleteOk { message_count });
             }
+            Method::ChannelFlow(m) => {
+                if m.active {
+                    self.resume_flow(channel);
+                }
+            }
             Method::BasicQos(m) => {
                 if m.prefetch_size != 0 {
                     return Err(AmqpError::connection(
@@ -404,13 +437,15 @@ impl Session {
                 }
                 let (prefetch, global) =
                     self.with_channel(channel, |c| (c.prefetch_count, c.global_prefetch));
-                // A per-consumer limit wins; else the channel's; 0 means none.
-                let limit = if prefetch > 0 { prefetch } else { global };
-                let refill_on_ack = !m.no_ack && limit > 0;
-                let initial_credit = if refill_on_ack {
-                    u32::from(limit)
+                // A per-consumer limit wins, then the channel's shared one; none means a window.
+                let (mode, initial_credit) = if m.no_ack {
+                    (CreditMode::Window, self.consumer_window)
+                } else if prefetch > 0 {
+                    (CreditMode::Prefetch, u32::from(prefetch))
+                } else if global > 0 {
+                    (CreditMode::Shared, 0)
                 } else {
-                    self.consumer_window
+                    (CreditMode::Window, self.consumer_window)
                 };
                 let id = self.next_consumer.get();
                 self.next_consumer.set(id + 1);
@@ -423,6 +458,8 @@ impl Session {
                     // Credit flows only after consume-ok is written, so no delivery can
                     // overtake it.
                     credit: Credit::Limited(0),
+                    on_demand: mode == CreditMode::Shared,
+                    asked: false,
                 };
                 let request_queue = queue.clone();
                 let reply = self
@@ -464,8 +501,9 @@ impl Session {
                             queue: queue.clone(),
                             owner,
                             no_ack: m.no_ack,
-                            refill_on_ack,
+                            mode,
                             window_owed: 0,
+                            outstanding: 0,
                         },
                     );
                 }
@@ -481,16 +519,19 @@ impl Session {
             }
             Method::BasicCancel(m) => {
                 let id = self.with_channel(channel, |c| c.consumers.remove(&m.consumer_tag));
-                if let Some(id) = id {
-                    if let Some(consumer) = self.state.borrow_mut().consumers.remove(&id) {
-                        self.shard.post(
-                            consumer.owner,
-                            ShardMessage::Cancel {
-                                queue: consumer.queue,
-                                consumer: self.shard.consumer_key(self.connection, id),
-                            },
-                        );
-                    }
+                let removed = id.and_then(|id| {
+                    let consumer = self.state.borrow_mut().consumers.remove(&id)?;
+                    Some((id, consumer))
+                });
+                if let Some((id, consumer)) = removed {
+                    self.forget_consumer(&consumer);
+                    self.shard.post(
+                        consumer.owner,
+                        ShardMessage::Cancel {
+                            queue: consumer.queue,
+                            consumer: self.shard.consumer_key(self.connection, id),
+                        },
+                    );
                 }
                 self.reply(
                     channel,
@@ -943,12 +984,12 @@ impl Session {
                     .ok_or_else(|| unknown_tag(delivery_tag))
             }
         })?;
-        self.release(settled, settlement);
+        self.release(channel, settled, settlement);
         Ok(())
     }
 
     /// Tells owners what happened to `deliveries` and refills the credit they used.
-    fn release(&self, deliveries: Vec<Unacked>, settlement: Settlement) {
+    fn release(&self, channel: u16, deliveries: Vec<Unacked>, settlement: Settlement) {
         let requeue = settlement == Settlement::Requeue;
         let mut by_queue: Vec<(QueueKey, ShardId, Vec<MessageId>)> = Vec::new();
         let mut credit: HashMap<u64, u32> = HashMap::new();
@@ -971,21 +1012,99 @@ impl Session {
                 },
             );
         }
-        let state = self.state.borrow();
-        for (id, amount) in credit {
-            if let Some(consumer) = state.consumers.get(&id) {
-                if consumer.refill_on_ack {
-                    self.shard.post(
+        let mut shared_released = 0;
+        {
+            let state = self.state.borrow();
+            for (id, amount) in credit {
+                let Some(consumer) = state.consumers.get(&id) else {
+                    continue;
+                };
+                match consumer.mode {
+                    CreditMode::Prefetch => self.shard.post(
                         consumer.owner,
                         ShardMessage::Credit {
                             queue: consumer.queue.clone(),
                             consumer: self.shard.consumer_key(self.connection, id),
                             amount,
                         },
-                    );
+                    ),
+                    CreditMode::Shared => shared_released += amount,
+                    CreditMode::Window => {}
                 }
             }
         }
+        if shared_released > 0 {
+            self.with_channel(channel, |c| {
+                c.shared_unacked = c.shared_unacked.saturating_sub(shared_released)
+            });
+            self.serve_waiting(channel);
+        }
+    }
+
+    /// Grants shared-pool credit to consumers that asked while the pool was empty.
+    fn serve_waiting(&self, channel: u16) {
+        loop {
+            let next = self.with_channel(channel, |c| {
+                if c.waiting.is_empty() || c.shared_available() == 0 {
+                    None
+                } else {
+                    Some(c.waiting.remove(0))
+                }
+            });
+            let Some((consumer, ready)) = next else {
+                return;
+            };
+            self.grant_shared(channel, consumer, ready);
+        }
+    }
+
+    /// Gives a shared-mode consumer what the pool allows of what it asked for; with the pool
+    /// empty it waits for the next settlement.
+    fn grant_shared(&self, channel: u16, consumer: u64, ready: u32) {
+        let grant = self.with_channel(channel, |c| {
+            let grant = c.shared_available().min(ready);
+            if grant == 0 {
+                if !c.waiting.iter().any(|(id, _)| *id == consumer) {
+                    c.waiting.push((consumer, ready));
+                }
+            } else {
+                c.shared_outstanding += grant;
+            }
+            grant
+        });
+        if grant == 0 {
+            return;
+        }
+        let target = {
+            let mut state = self.state.borrow_mut();
+            state.consumers.get_mut(&consumer).map(|c| {
+                c.outstanding += grant;
+                (c.owner, c.queue.clone())
+            })
+        };
+        match target {
+            Some((owner, queue)) => self.shard.post(
+                owner,
+                ShardMessage::Credit {
+                    queue,
+                    consumer: self.shard.consumer_key(self.connection, consumer),
+                    amount: grant,
+                },
+            ),
+            None => self.with_channel(channel, |c| c.shared_outstanding -= grant),
+        }
+    }
+
+    /// A consumer left (cancelled by the client or the broker): return its unused shared
+    /// credit to the pool.
+    fn forget_consumer(&self, consumer: &ConsumerState) {
+        if consumer.mode != CreditMode::Shared {
+            return;
+        }
+        self.with_channel(consumer.channel, |c| {
+            c.shared_outstanding = c.shared_outstanding.saturating_sub(consumer.outstanding);
+        });
+        self.serve_waiting(consumer.channel);
     }
 
     fn recover(&self, channel: u16, requeue: bool) -> Result<(), AmqpError> {
@@ -998,7 +1117,7 @@ impl Session {
         let all: Vec<Unacked> = self.with_channel(channel, |c| {
             std::mem::take(&mut c.unacked).into_values().collect()
         });
-        self.release(all, Settlement::Requeue);
+        self.release(channel, all, Settlement::Requeue);
         Ok(())
     }
 
@@ -1120,22 +1239,112 @@ fn unknown_tag(delivery_tag: u64) -> AmqpError {
 
 impl ConnectionPort for Session {
     fn deliver(&self, delivery: IncomingDelivery) -> bool {
-        let (channel, tag, no_ack, refill_on_ack) = {
-            let state = self.state.borrow();
-            let Some(consumer) = state.consumers.get(&delivery.consumer) else {
+        let (channel, tag, no_ack, mode) = {
+            let mut state = self.state.borrow_mut();
+            let Some(consumer) = state.consumers.get_mut(&delivery.consumer) else {
                 return false;
             };
+            if consumer.mode == CreditMode::Shared {
+                consumer.outstanding = consumer.outstanding.saturating_sub(1);
+            }
             (
                 consumer.channel,
                 consumer.tag.clone(),
                 consumer.no_ack,
-                consumer.refill_on_ack,
+                consumer.mode,
             )
         };
-        if !self.machine.borrow().is_channel_open(channel) {
-            return false;
+        let flow = self.machine.borrow().channel_flow_active(channel);
+        match flow {
+            None => return false,
+            Some(false) => {
+                // channel.flow is off: hold it (credit bounds how many) until it is on again.
+                self.with_channel(channel, |c| {
+                    if mode == CreditMode::Shared {
+                        c.shared_outstanding = c.shared_outstanding.saturating_sub(1);
+                        c.shared_unacked += 1;
+                    }
+                    c.paused.push(delivery)
+                });
+                return true;
+            }
+            Some(true) => {}
         }
+        self.write_delivery(channel, tag, no_ack, mode, delivery, true);
+        true
+    }
+
+    fn consumer_cancelled(&self, consumer: u64) {
+        let Some(state) = self.state.borrow_mut().consumers.remove(&consumer) else {
+            return;
+        };
+        self.forget_consumer(&state);
+        self.with_channel(state.channel, |c| c.consumers.remove(&state.tag));
+        let notify = self.machine.borrow().client().consumer_cancel_notify;
+        debug!(
+            "connection {}: consumer '{}' cancelled by the broker (queue '{}' deleted)",
+            self.connection, state.tag, state.queue.name
+        );
+        if notify && self.machine.borrow().is_channel_open(state.channel) {
+            self.send(
+                state.channel,
+                BasicCancel {
+                    consumer_tag: state.tag,
+                    no_wait: true,
+                },
+            );
+        }
+    }
+
+    fn confirmed(&self, channel: u16, seq: u64) {
+        let known = self.with_channel(channel, |c| {
+            let Some(confirms) = &mut c.confirm else {
+                return false;
+            };
+            match confirms.pending.get_mut(&seq) {
+                Some(remaining) => {
+                    *remaining = remaining.saturating_sub(1);
+                    true
+                }
+                None => false,
+            }
+        });
+        if known && self.machine.borrow().is_channel_open(channel) {
+            self.send_acks(channel);
+        }
+    }
+
+    fn credit_wanted(&self, consumer: u64, ready: u32) {
+        let channel = self
+            .state
+            .borrow()
+            .consumers
+            .get(&consumer)
+            .map(|c| c.channel);
+        if let Some(channel) = channel {
+            self.grant_shared(channel, consumer, ready);
+        }
+    }
+}
+
+impl Session {
+    /// Writes one delivery to the socket buffer and records it as unacked. `count_shared`:
+    /// whether a shared-mode delivery still has to move from outstanding to unacked (false for
+    /// deliveries held while channel.flow was off, which were counted when they arrived).
+    fn write_delivery(
+        &self,
+        channel: u16,
+        tag: ShortStr,
+        no_ack: bool,
+        mode: CreditMode,
+        delivery: IncomingDelivery,
+        count_shared: bool,
+    ) {
         let delivery_tag = self.with_channel(channel, |c| {
+            if mode == CreditMode::Shared && count_shared {
+                c.shared_outstanding = c.shared_outstanding.saturating_sub(1);
+                c.shared_unacked += 1;
+            }
             c.next_delivery_tag += 1;
             let tag = c.next_delivery_tag;
             if !no_ack {
@@ -1170,73 +1379,62 @@ impl ConnectionPort for Session {
             machine.outbound().len() > self.outbound_bytes_max
         };
         self.write_wanted.notify();
-        if !refill_on_ack {
-            // Window credit: earned now, granted in batches, held back while the socket lags.
-            let grant = {
-                let mut state = self.state.borrow_mut();
-                let Some(consumer) = state.consumers.get_mut(&delivery.consumer) else {
-                    return true;
-                };
-                consumer.window_owed += 1;
-                let batch = (self.consumer_window / 4).max(1);
-                (!outbound_full && consumer.window_owed >= batch).then(|| {
-                    (
-                        consumer.owner,
-                        consumer.queue.clone(),
-                        std::mem::take(&mut consumer.window_owed),
-                    )
-                })
-            };
-            if let Some((owner, queue, amount)) = grant {
-                self.shard.post(
-                    owner,
-                    ShardMessage::Credit {
-                        queue,
-                        consumer: self.shard.consumer_key(self.connection, delivery.consumer),
-                        amount,
-                    },
-                );
-            }
-        }
-        true
-    }
-
-    fn consumer_cancelled(&self, consumer: u64) {
-        let Some(state) = self.state.borrow_mut().consumers.remove(&consumer) else {
+        if mode != CreditMode::Window {
             return;
+        }
+        // Window credit: earned now, granted in batches, held back while the socket lags.
+        let grant = {
+            let mut state = self.state.borrow_mut();
+            let Some(consumer) = state.consumers.get_mut(&delivery.consumer) else {
+                return;
+            };
+            consumer.window_owed += 1;
+            let batch = (self.consumer_window / 4).max(1);
+            (!outbound_full && consumer.window_owed >= batch).then(|| {
+                (
+                    consumer.owner,
+                    consumer.queue.clone(),
+                    std::mem::take(&mut consumer.window_owed),
+                )
+            })
         };
-        self.with_channel(state.channel, |c| c.consumers.remove(&state.tag));
-        let notify = self.machine.borrow().client().consumer_cancel_notify;
-        debug!(
-            "connection {}: consumer '{}' cancelled by the broker (queue '{}' deleted)",
-            self.connection, state.tag, state.queue.name
-        );
-        if notify && self.machine.borrow().is_channel_open(state.channel) {
-            self.send(
-                state.channel,
-                BasicCancel {
-                    consumer_tag: state.tag,
-                    no_wait: true,
+        if let Some((owner, queue, amount)) = grant {
+            self.shard.post(
+                owner,
+                ShardMessage::Credit {
+                    queue,
+                    consumer: self.shard.consumer_key(self.connection, delivery.consumer),
+                    amount,
                 },
             );
         }
     }
 
-    fn confirmed(&self, channel: u16, seq: u64) {
-        let known = self.with_channel(channel, |c| {
-            let Some(confirms) = &mut c.confirm else {
-                return false;
+    /// channel.flow active=true: write what arrived while it was off.
+    fn resume_flow(&self, channel: u16) {
+        let paused = self.with_channel(channel, |c| std::mem::take(&mut c.paused));
+        for delivery in paused {
+            let consumer = {
+                let state = self.state.borrow();
+                state
+                    .consumers
+                    .get(&delivery.consumer)
+                    .map(|c| (c.tag.clone(), c.no_ack, c.mode))
             };
-            match confirms.pending.get_mut(&seq) {
-                Some(remaining) => {
-                    *remaining = remaining.saturating_sub(1);
-                    true
+            match consumer {
+                Some((tag, no_ack, mode)) => {
+                    self.write_delivery(channel, tag, no_ack, mode, delivery, false)
                 }
-                None => false,
+                // Cancelled meanwhile: back to its queue.
+                None => self.shard.post(
+                    delivery.owner,
+                    ShardMessage::Settle {
+                        queue: delivery.queue,
+                        ids: vec![delivery.id],
+                        requeue: true,
+                    },
+                ),
             }
-        });
-        if known && self.machine.borrow().is_channel_open(channel) {
-            self.send_acks(channel);
         }
     }
 }

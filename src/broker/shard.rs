@@ -41,6 +41,8 @@ pub trait ConnectionPort {
     fn consumer_cancelled(&self, consumer: u64);
     /// The owner of a published message has it.
     fn confirmed(&self, channel: u16, seq: u64);
+    /// An on-demand consumer has run out of credit while `ready` messages wait.
+    fn credit_wanted(&self, consumer: u64, ready: u32);
 }
 
 /// A delivery as it reaches the consumer's connection.
@@ -505,6 +507,12 @@ impl ShardBroker {
                     );
                 }
             }
+            ShardMessage::CreditWanted { consumer, ready } => {
+                let port = self.connections.borrow().get(&consumer.connection).cloned();
+                if let Some(port) = port {
+                    port.credit_wanted(consumer.consumer, ready);
+                }
+            }
             ShardMessage::ConsumerCancelled { consumer } => {
                 let port = self.connections.borrow().get(&consumer.connection).cloned();
                 if let Some(port) = port {
@@ -523,8 +531,16 @@ impl ShardBroker {
     /// Delivers what the queue's consumers have credit for.
     fn dispatch(self: &Rc<Self>, key: &QueueKey) {
         let mut deliveries: Vec<Delivery> = Vec::new();
+        let mut wants = Vec::new();
         if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
             owned.queue.dispatch(&mut deliveries);
+            owned.queue.credit_wanted(&mut wants);
+        }
+        for (consumer, ready) in wants {
+            self.post(
+                consumer.shard,
+                ShardMessage::CreditWanted { consumer, ready },
+            );
         }
         for delivery in deliveries {
             self.post(

@@ -958,7 +958,12 @@ impl ConnectionMachine {
                     }
                     .into(),
                 );
-                Ok(None)
+                // The broker layer resumes held deliveries when flow comes back on.
+                Ok(Some(Input::Command(Command {
+                    channel,
+                    method: Method::ChannelFlow(flow),
+                    content: None,
+                })))
             }
             method if method.has_content() && sent_by_clients(&method) => {
                 if let Some(ChannelState::Open { content, .. }) = self.channels.get_mut(&channel) {
