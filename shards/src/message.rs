@@ -1,20 +1,26 @@
 //! A message as queues hold it: one envelope buffer and the body, both refcounted.
 //!
-//! The envelope packs the exchange name, the routing key and the encoded content properties into
-//! one `Bytes`, so a queued message costs two refcounted handles instead of four. Cloning a
-//! message (fanout to several queues, a delivery crossing the mesh) copies no bytes.
+//! The envelope packs a 3-byte prefix (exchange length, routing key length, flags), the
+//! exchange name, the routing key and the encoded content properties into one `Bytes`, so a
+//! queued message is exactly two refcounted handles (64 bytes). Cloning a message (fanout to
+//! several queues, a delivery crossing the mesh) copies no bytes.
+//!
+//! ```text
+//! envelope: | exchange_len u8 | routing_key_len u8 | flags u8 | exchange | routing key | properties |
+//! flags:    bit 0 = persistent (delivery-mode 2)
+//! ```
 
 use bytes::{BufMut, Bytes, BytesMut};
 
 #[derive(Clone, PartialEq, Eq)]
 pub struct Message {
-    /// exchange ++ routing key ++ encoded properties (flags word first).
+    /// Prefix, exchange, routing key, encoded properties (see the module doc).
     envelope: Bytes,
     body: Bytes,
-    exchange_len: u8,
-    routing_key_len: u8,
-    persistent: bool,
 }
+
+const PREFIX_BYTES: usize = 3;
+const FLAG_PERSISTENT: u8 = 1;
 
 impl std::fmt::Debug for Message {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -36,32 +42,41 @@ impl Message {
         persistent: bool,
     ) -> Message {
         assert!(exchange.len() <= 255 && routing_key.len() <= 255);
-        let mut envelope =
-            BytesMut::with_capacity(exchange.len() + routing_key.len() + properties.len());
+        let mut envelope = BytesMut::with_capacity(
+            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len(),
+        );
+        envelope.put_u8(exchange.len() as u8);
+        envelope.put_u8(routing_key.len() as u8);
+        envelope.put_u8(if persistent { FLAG_PERSISTENT } else { 0 });
         envelope.put_slice(exchange);
         envelope.put_slice(routing_key);
         envelope.put_slice(properties);
         Message {
             envelope: envelope.freeze(),
             body,
-            exchange_len: exchange.len() as u8,
-            routing_key_len: routing_key.len() as u8,
-            persistent,
         }
     }
 
+    fn exchange_len(&self) -> usize {
+        self.envelope[0] as usize
+    }
+
+    fn routing_key_len(&self) -> usize {
+        self.envelope[1] as usize
+    }
+
     pub fn exchange(&self) -> &[u8] {
-        &self.envelope[..self.exchange_len as usize]
+        &self.envelope[PREFIX_BYTES..PREFIX_BYTES + self.exchange_len()]
     }
 
     pub fn routing_key(&self) -> &[u8] {
-        let start = self.exchange_len as usize;
-        &self.envelope[start..start + self.routing_key_len as usize]
+        let start = PREFIX_BYTES + self.exchange_len();
+        &self.envelope[start..start + self.routing_key_len()]
     }
 
     /// The encoded content properties, ready to go into a content header frame.
     pub fn properties(&self) -> &[u8] {
-        &self.envelope[self.exchange_len as usize + self.routing_key_len as usize..]
+        &self.envelope[PREFIX_BYTES + self.exchange_len() + self.routing_key_len()..]
     }
 
     pub fn body(&self) -> &Bytes {
@@ -70,7 +85,7 @@ impl Message {
 
     /// delivery-mode 2.
     pub fn is_persistent(&self) -> bool {
-        self.persistent
+        self.envelope[2] & FLAG_PERSISTENT != 0
     }
 
     /// Bytes this message accounts for in a queue's memory: body and envelope.
@@ -97,7 +112,7 @@ mod tests {
         assert_eq!(message.properties(), &[0x10, 0, 2]);
         assert_eq!(&message.body()[..], b"hi");
         assert!(message.is_persistent());
-        assert_eq!(message.size_bytes(), 2 + 2 + 4 + 3);
+        assert_eq!(message.size_bytes(), 2 + 3 + 2 + 4 + 3);
     }
 
     #[test]

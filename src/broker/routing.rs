@@ -148,6 +148,8 @@ enum BindingIndex {
 #[derive(Debug)]
 struct Exchange {
     def: ExchangeDef,
+    /// `alternate-exchange` from the arguments, read once.
+    alternate: Option<ShortStr>,
     bindings: BindingIndex,
     binding_count: usize,
 }
@@ -161,6 +163,7 @@ impl Exchange {
             ExchangeKind::Headers => BindingIndex::Headers(Vec::new()),
         };
         Exchange {
+            alternate: def.alternate_exchange(),
             def,
             bindings,
             binding_count: 0,
@@ -252,32 +255,31 @@ impl Exchange {
         }
     }
 
-    /// Every destination a message matches in this exchange alone.
-    fn match_into(
+    /// Calls `found` for every destination a message matches in this exchange alone (a
+    /// destination bound twice is reported twice).
+    fn for_each_match(
         &self,
         routing_key: &ShortStr,
         headers: Option<&FieldTable>,
-        out: &mut Vec<Destination>,
+        found: &mut impl FnMut(&Destination),
     ) {
         match &self.bindings {
             BindingIndex::Direct(map) => {
                 if let Some(list) = map.get(routing_key) {
-                    out.extend(list.iter().map(|e| e.destination.clone()));
+                    list.iter().for_each(|e| found(&e.destination));
                 }
             }
-            BindingIndex::Fanout(list) => out.extend(list.iter().map(|e| e.destination.clone())),
+            BindingIndex::Fanout(list) => list.iter().for_each(|e| found(&e.destination)),
             BindingIndex::Topic(trie) => trie
                 .for_each_match(routing_key.as_bytes(), &mut |e: &BindingEntry| {
-                    out.push(e.destination.clone())
+                    found(&e.destination)
                 }),
             BindingIndex::Headers(list) => {
                 let empty = FieldTable::new();
                 let headers = headers.unwrap_or(&empty);
-                out.extend(
-                    list.iter()
-                        .filter(|e| headers_match(&e.arguments, headers))
-                        .map(|e| e.destination.clone()),
-                );
+                list.iter()
+                    .filter(|e| headers_match(&e.arguments, headers))
+                    .for_each(|e| found(&e.destination));
             }
         }
     }
@@ -472,54 +474,108 @@ impl VhostRouting {
         }
     }
 
-    /// The queues a message published to `exchange` reaches, sorted and without duplicates.
-    /// The default exchange (empty name) reaches the queue named by the routing key.
+    /// The queues a message published to `exchange` reaches, with their owners, sorted by name
+    /// and without duplicates. The default exchange (empty name) reaches the queue named by the
+    /// routing key.
     pub fn route(
         &self,
         exchange: &ShortStr,
         routing_key: &ShortStr,
         headers: Option<&FieldTable>,
-        queues: &mut Vec<ShortStr>,
+        out: &mut Vec<RoutedQueue>,
     ) {
-        queues.clear();
+        out.clear();
         if exchange.is_empty() {
-            if self.queues.contains_key(routing_key) {
-                queues.push(routing_key.clone());
+            if let Some(queue) = self.queues.get(routing_key) {
+                out.push(RoutedQueue::of(queue));
             }
             return;
         }
-        let mut visited: Vec<ShortStr> = Vec::new();
-        let mut pending: Vec<ShortStr> = vec![exchange.clone()];
-        let mut matched: Vec<Destination> = Vec::new();
+        let Some(first) = self.exchanges.get(exchange) else {
+            return;
+        };
+        // Fast path: the exchange's own matches are all queues; no walk, no allocation but
+        // the output.
+        let mut matched_any = false;
+        let mut leads_elsewhere = false;
+        first.for_each_match(routing_key, headers, &mut |destination| {
+            matched_any = true;
+            match destination {
+                Destination::Queue(name) => {
+                    if let Some(queue) = self.queues.get(name) {
+                        out.push(RoutedQueue::of(queue));
+                    }
+                }
+                Destination::Exchange(_) => leads_elsewhere = true,
+            }
+        });
+        if leads_elsewhere || (!matched_any && first.alternate.is_some()) {
+            out.clear();
+            self.route_through_exchanges(exchange, routing_key, headers, out);
+        }
+        if out.len() > 1 {
+            out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+            out.dedup_by(|a, b| a.name == b.name);
+        }
+    }
+
+    /// The general walk: exchange-to-exchange bindings and alternate exchanges, each exchange
+    /// visited once.
+    fn route_through_exchanges(
+        &self,
+        exchange: &ShortStr,
+        routing_key: &ShortStr,
+        headers: Option<&FieldTable>,
+        out: &mut Vec<RoutedQueue>,
+    ) {
+        let mut visited: Vec<&ShortStr> = Vec::new();
+        let mut pending: Vec<&ShortStr> = vec![exchange];
         while let Some(name) = pending.pop() {
             if visited.contains(&name) || visited.len() >= ROUTING_EXCHANGES_MAX {
                 continue;
             }
-            visited.push(name.clone());
-            let Some(exchange) = self.exchanges.get(&name) else {
+            visited.push(name);
+            let Some(exchange) = self.exchanges.get(name) else {
                 continue;
             };
-            matched.clear();
-            exchange.match_into(routing_key, headers, &mut matched);
-            if matched.is_empty() {
-                if let Some(alternate) = exchange.def.alternate_exchange() {
-                    pending.push(alternate);
-                }
-                continue;
-            }
-            for destination in matched.drain(..) {
+            let mut matched_any = false;
+            exchange.for_each_match(routing_key, headers, &mut |destination| {
+                matched_any = true;
                 match destination {
                     Destination::Queue(queue) => {
-                        if self.queues.contains_key(&queue) {
-                            queues.push(queue);
+                        if let Some(queue) = self.queues.get(queue) {
+                            out.push(RoutedQueue::of(queue));
                         }
                     }
-                    Destination::Exchange(next) => pending.push(next),
+                    Destination::Exchange(next) => {
+                        if let Some((key, _)) = self.exchanges.get_key_value(next) {
+                            pending.push(key);
+                        }
+                    }
+                }
+            });
+            if !matched_any {
+                if let Some(alternate) = &exchange.alternate {
+                    pending.push(alternate);
                 }
             }
         }
-        queues.sort();
-        queues.dedup();
+    }
+}
+
+/// A queue a message was routed to, and the shard that owns it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RoutedQueue {
+    pub name: ShortStr,
+    pub owner: ShardId,
+}
+
+impl RoutedQueue {
+    fn of(queue: &QueueDef) -> RoutedQueue {
+        RoutedQueue {
+            name: queue.name.clone(),
+            owner: queue.owner,
+        }
     }
 }
 

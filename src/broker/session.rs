@@ -37,6 +37,9 @@ use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
 use crate::runtime::sync::Notify;
 
+/// Bodies shorter than this are copied out of the read buffer before they are queued.
+const BODY_COPY_BYTES_MAX: usize = 8 * 1024;
+
 /// A delivery the client has not settled yet.
 #[derive(Debug, Clone)]
 struct Unacked {
@@ -846,11 +849,18 @@ impl Session {
                 confirms.next_seq
             })
         });
+        // A small body is a slice of a whole read buffer: queued for long, it would keep that
+        // buffer alive. Small bodies get their own copy; large ones stay zero-copy.
+        let body = if content.body.len() < BODY_COPY_BYTES_MAX {
+            bytes::Bytes::copy_from_slice(&content.body)
+        } else {
+            content.body
+        };
         let message = Message::new(
             exchange.as_bytes(),
             routing_key.as_bytes(),
             &content.header.raw_properties,
-            content.body,
+            body,
             content.header.properties.is_persistent(),
         );
         if queues.is_empty() {
@@ -881,17 +891,15 @@ impl Session {
         }
         // One Publish per owning shard, carrying every target queue it owns.
         let mut by_owner: Vec<(ShardId, Vec<ShortStr>)> = Vec::new();
-        self.shard.with_routing(vhost, |r| {
-            for queue in queues.drain(..) {
-                let Some(owner) = r.queue(&queue).map(|q| q.owner) else {
-                    continue;
-                };
-                match by_owner.iter_mut().find(|(o, _)| *o == owner) {
-                    Some((_, list)) => list.push(queue),
-                    None => by_owner.push((owner, vec![queue])),
-                }
+        for routed in queues.drain(..) {
+            match by_owner
+                .iter_mut()
+                .find(|(owner, _)| *owner == routed.owner)
+            {
+                Some((_, list)) => list.push(routed.name),
+                None => by_owner.push((routed.owner, vec![routed.name])),
             }
-        });
+        }
         if let Some(seq) = seq {
             let owners = by_owner.len() as u32;
             self.with_channel(channel, |c| {

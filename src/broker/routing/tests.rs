@@ -63,7 +63,7 @@ fn routed_with(
 ) -> Vec<String> {
     let mut out = Vec::new();
     routing.route(&s(exchange), &s(key), headers, &mut out);
-    out.iter().map(|q| q.to_string()).collect()
+    out.iter().map(|q| q.name.to_string()).collect()
 }
 
 fn setup(ops: &[MetaOp]) -> VhostRouting {
