@@ -62,6 +62,9 @@ struct ConsumerState {
     window_owed: u32,
     /// Shared-mode credit granted and not yet used by a delivery.
     outstanding: u32,
+    /// consume-ok has been written; until then deliveries wait in `early`.
+    confirmed: bool,
+    early: Vec<IncomingDelivery>,
 }
 
 /// Where a consumer's credit comes from.
@@ -453,41 +456,9 @@ impl Session {
                 let id = self.next_consumer.get();
                 self.next_consumer.set(id + 1);
                 let key = self.shard.consumer_key(self.connection, id);
-                let consumer = Consumer {
-                    key,
-                    channel: self.shard.channel_key(self.connection, channel),
-                    no_ack: m.no_ack,
-                    exclusive: m.exclusive,
-                    // Credit flows only after consume-ok is written, so no delivery can
-                    // overtake it.
-                    credit: Credit::Limited(0),
-                    on_demand: mode == CreditMode::Shared,
-                    asked: false,
-                };
-                let request_queue = queue.clone();
-                let reply = self
-                    .shard
-                    .request(owner, |token| ShardMessage::Consume {
-                        token,
-                        queue: request_queue,
-                        consumer,
-                    })
-                    .await;
-                match reply {
-                    Some(Reply::Consume(result)) => result?,
-                    other => return Err(internal_error("basic.consume", &other)),
-                }
-                if !self.machine.borrow().is_channel_open(channel) {
-                    // The channel closed while we waited: undo.
-                    self.shard.post(
-                        owner,
-                        ShardMessage::Cancel {
-                            queue,
-                            consumer: key,
-                        },
-                    );
-                    return Ok(());
-                }
+                // Registered before the request, so that deliveries that overtake the reply
+                // (the owner dispatches as soon as it registers the consumer) are held until
+                // consume-ok is written, and a second consume with this tag is refused.
                 {
                     let mut state = self.state.borrow_mut();
                     state
@@ -507,18 +478,68 @@ impl Session {
                             mode,
                             window_owed: 0,
                             outstanding: 0,
+                            confirmed: false,
+                            early: Vec::new(),
                         },
                     );
                 }
+                let consumer = Consumer {
+                    key,
+                    channel: self.shard.channel_key(self.connection, channel),
+                    no_ack: m.no_ack,
+                    exclusive: m.exclusive,
+                    credit: Credit::Limited(initial_credit),
+                    on_demand: mode == CreditMode::Shared,
+                    asked: false,
+                };
+                let request_queue = queue.clone();
+                let reply = self
+                    .shard
+                    .request(owner, |token| ShardMessage::Consume {
+                        token,
+                        queue: request_queue,
+                        consumer,
+                    })
+                    .await;
+                let result = match reply {
+                    Some(Reply::Consume(result)) => result,
+                    other => Err(internal_error("basic.consume", &other)),
+                };
+                if let Err(error) = result {
+                    let mut state = self.state.borrow_mut();
+                    state.consumers.remove(&id);
+                    if let Some(c) = state.channels.get_mut(&channel) {
+                        c.consumers.remove(&tag);
+                    }
+                    return Err(error);
+                }
+                if !self.machine.borrow().is_channel_open(channel) {
+                    // The channel closed while we waited; its cleanup did not know this
+                    // consumer yet: undo here.
+                    self.state.borrow_mut().consumers.remove(&id);
+                    self.shard.post(
+                        owner,
+                        ShardMessage::Cancel {
+                            queue,
+                            consumer: key,
+                        },
+                    );
+                    return Ok(());
+                }
                 self.reply(channel, m.no_wait, BasicConsumeOk { consumer_tag: tag });
-                self.shard.post(
-                    owner,
-                    ShardMessage::Credit {
-                        queue,
-                        consumer: key,
-                        amount: initial_credit,
-                    },
-                );
+                let early = {
+                    let mut state = self.state.borrow_mut();
+                    match state.consumers.get_mut(&id) {
+                        Some(consumer) => {
+                            consumer.confirmed = true;
+                            std::mem::take(&mut consumer.early)
+                        }
+                        None => Vec::new(),
+                    }
+                };
+                for delivery in early {
+                    self.deliver(delivery);
+                }
             }
             Method::BasicCancel(m) => {
                 let id = self.with_channel(channel, |c| c.consumers.remove(&m.consumer_tag));
@@ -1252,6 +1273,10 @@ impl ConnectionPort for Session {
             let Some(consumer) = state.consumers.get_mut(&delivery.consumer) else {
                 return false;
             };
+            if !consumer.confirmed {
+                consumer.early.push(delivery);
+                return true;
+            }
             if consumer.mode == CreditMode::Shared {
                 consumer.outstanding = consumer.outstanding.saturating_sub(1);
             }

@@ -355,6 +355,7 @@ impl ShardBroker {
                         )),
                     },
                 };
+                let registered = result.is_ok();
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -362,6 +363,11 @@ impl ShardBroker {
                         reply: Reply::Consume(result),
                     },
                 );
+                // After the reply, on the same ordered path: the consumer side holds any
+                // delivery that arrives before it has written consume-ok.
+                if registered {
+                    self.dispatch(&queue);
+                }
             }
             ShardMessage::Cancel { queue, consumer } => {
                 let removed = self
