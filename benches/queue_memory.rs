@@ -86,6 +86,6 @@ fn main() {
     support::measure("publish then get+ack one message", 1, || {
         queue.publish(message(&body));
         let got = queue.get(holder, false).expect("a message");
-        queue.ack(&[got.id]);
+        queue.ack(&[got.id], &mut Vec::new());
     });
 }

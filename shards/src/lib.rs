@@ -12,6 +12,8 @@
 
 pub mod message;
 pub mod queue;
+pub mod record;
+pub mod wal;
 
 use std::fmt;
 

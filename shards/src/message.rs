@@ -57,6 +57,22 @@ impl Message {
         }
     }
 
+    /// Rebuilds a message from its envelope and body as logged; `None` if the envelope is
+    /// inconsistent (it came from disk).
+    pub fn from_parts(envelope: Bytes, body: Bytes) -> Option<Message> {
+        if envelope.len() < PREFIX_BYTES
+            || envelope.len() < PREFIX_BYTES + envelope[0] as usize + envelope[1] as usize
+        {
+            return None;
+        }
+        Some(Message { envelope, body })
+    }
+
+    /// The packed envelope (prefix, exchange, routing key, properties), for logging.
+    pub fn envelope(&self) -> &Bytes {
+        &self.envelope
+    }
+
     fn exchange_len(&self) -> usize {
         self.envelope[0] as usize
     }

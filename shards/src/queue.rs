@@ -118,6 +118,8 @@ pub struct Delivery {
     pub id: MessageId,
     pub message: Message,
     pub redelivered: bool,
+    /// The message left the queue for good (a no-ack consumer).
+    pub no_ack: bool,
 }
 
 /// A message taken by basic.get.
@@ -278,6 +280,7 @@ impl Queue {
                 consumer: consumer.key,
                 id: ready.id(),
                 redelivered: ready.redelivered(),
+                no_ack: consumer.no_ack,
                 message: ready.message,
             });
         }
@@ -304,11 +307,27 @@ impl Queue {
         })
     }
 
-    /// Settles delivered messages for good; returns how many were unacked.
-    pub fn ack(&mut self, ids: &[MessageId]) -> usize {
-        ids.iter()
-            .filter(|id| self.unacked.remove(id).is_some())
-            .count()
+    /// Settles delivered messages for good; returns how many were unacked. The ids of the
+    /// persistent ones are added to `persistent` (they must be logged as settled).
+    pub fn ack(&mut self, ids: &[MessageId], persistent: &mut Vec<MessageId>) -> usize {
+        let mut settled = 0;
+        for id in ids {
+            if let Some(unacked) = self.unacked.remove(id) {
+                settled += 1;
+                if unacked.message.is_persistent() {
+                    persistent.push(*id);
+                }
+            }
+        }
+        settled
+    }
+
+    /// Puts a message recovered from the log back, in id order, before the queue serves.
+    pub fn restore(&mut self, id: MessageId, message: Message, redelivered: bool) {
+        debug_assert!(self.ready.back().is_none_or(|last| last.id() < id));
+        self.next_id = self.next_id.max(id + 1);
+        self.ready_bytes += message.size_bytes();
+        self.ready.push_back(Ready::new(id, message, redelivered));
     }
 
     /// Puts delivered messages back where they were, marked redelivered.
@@ -341,9 +360,23 @@ impl Queue {
         self.ready.insert(position, Ready::new(id, message, true));
     }
 
-    /// Drops every ready message; returns how many.
-    pub fn purge(&mut self) -> u32 {
+    /// Ready messages in order: (id, message, redelivered).
+    pub fn ready_messages(&self) -> impl Iterator<Item = (MessageId, &Message, bool)> {
+        self.ready
+            .iter()
+            .map(|r| (r.id(), &r.message, r.redelivered()))
+    }
+
+    /// Drops every ready message; returns how many. The ids of the persistent ones are added
+    /// to `persistent`.
+    pub fn purge(&mut self, persistent: &mut Vec<MessageId>) -> u32 {
         let count = self.message_count();
+        persistent.extend(
+            self.ready
+                .iter()
+                .filter(|r| r.message.is_persistent())
+                .map(Ready::id),
+        );
         self.ready.clear();
         self.ready_bytes = 0;
         count
@@ -438,7 +471,7 @@ mod tests {
         assert_eq!(out.len(), 1);
         queue.dispatch(&mut out);
         assert_eq!(out.len(), 1, "no credit, no delivery");
-        queue.ack(&[out[0].id]);
+        queue.ack(&[out[0].id], &mut Vec::new());
         queue.grant_credit(out[0].consumer, 1);
         queue.dispatch(&mut out);
         assert_eq!(bodies(&out), vec!["0", "1"]);
@@ -521,7 +554,7 @@ mod tests {
             queue.publish(message(&i.to_string()));
         }
         let held = queue.get(CHANNEL, false).unwrap();
-        assert_eq!(queue.purge(), 2);
+        assert_eq!(queue.purge(&mut Vec::new()), 2);
         assert_eq!(queue.message_count(), 0);
         assert_eq!(queue.requeue(&[held.id]), 1);
         assert_eq!(queue.message_count(), 1);
@@ -555,7 +588,7 @@ mod tests {
     #[test]
     fn unknown_ids_are_ignored() {
         let mut queue = Queue::new();
-        assert_eq!(queue.ack(&[42]), 0);
+        assert_eq!(queue.ack(&[42], &mut Vec::new()), 0);
         assert_eq!(queue.requeue(&[42]), 0);
     }
 }

@@ -140,8 +140,12 @@ impl Coordinator {
         }
     }
 
-    /// Applies `op` on this shard, then on every other, and waits until all have.
+    /// Logs `op` if it concerns durable entities (and waits for the disk), then applies it on
+    /// this shard and on every other, and waits until all have.
     async fn apply_everywhere(&self, shard: &Rc<ShardBroker>, vhost: &ShortStr, op: MetaOp) {
+        if !shard.log_meta(vhost, &op).await {
+            log::error!("metadata log failed: '{vhost}' change applied in memory only");
+        }
         shard.apply_meta(vhost, &op);
         let replies: Vec<_> = (0..shard.shard_count())
             .map(ShardId)

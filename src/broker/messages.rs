@@ -122,8 +122,17 @@ pub enum ShardMessage {
         message: Message,
         confirm: Option<ConfirmTo>,
     },
-    /// To a publisher's shard: the owner has the message.
-    Confirmed(ConfirmTo),
+    /// To a publisher's shard: the owner has the message (`durable`: and, if it is persistent,
+    /// on disk), or could not take it (`ok` false: the publisher gets basic.nack).
+    Confirmed {
+        to: ConfirmTo,
+        ok: bool,
+    },
+    /// To an owner: answer `Reply::Applied` once everything sent before this is durable
+    /// (tx.commit waits for it).
+    SyncBarrier {
+        token: u64,
+    },
     Consume {
         token: u64,
         queue: QueueKey,

@@ -6,6 +6,7 @@
 
 pub mod coordinator;
 pub mod messages;
+pub mod meta_log;
 pub mod oneshot;
 pub mod routing;
 pub mod session;

@@ -379,6 +379,41 @@ impl VhostRouting {
         self.queues.values()
     }
 
+    pub fn exchanges(&self) -> impl Iterator<Item = &ExchangeDef> {
+        self.exchanges.values().map(|e| &e.def)
+    }
+
+    /// Every binding, sorted (source, destination, key) so that the order is deterministic.
+    pub fn bindings(&self) -> Vec<BindingDef> {
+        let mut out = Vec::new();
+        for exchange in self.exchanges.values() {
+            let source = exchange.def.name.clone();
+            let mut push = |entry: &BindingEntry| {
+                out.push(BindingDef {
+                    source: source.clone(),
+                    destination: entry.destination.clone(),
+                    routing_key: entry.routing_key.clone(),
+                    arguments: entry.arguments.clone(),
+                })
+            };
+            match &exchange.bindings {
+                BindingIndex::Direct(map) => map.values().flatten().for_each(&mut push),
+                BindingIndex::Fanout(list) | BindingIndex::Headers(list) => {
+                    list.iter().for_each(&mut push)
+                }
+                BindingIndex::Topic(trie) => trie.for_each(&mut |_, entry| push(entry)),
+            }
+        }
+        out.sort_by(|a, b| {
+            (&a.source, destination_order(&a.destination), &a.routing_key).cmp(&(
+                &b.source,
+                destination_order(&b.destination),
+                &b.routing_key,
+            ))
+        });
+        out
+    }
+
     pub fn has_binding(&self, binding: &BindingDef) -> bool {
         self.exchanges.get(&binding.source).is_some_and(|e| {
             e.has_binding(&BindingEntry {
@@ -560,6 +595,13 @@ impl VhostRouting {
                 }
             }
         }
+    }
+}
+
+fn destination_order(destination: &Destination) -> (u8, &ShortStr) {
+    match destination {
+        Destination::Queue(name) => (0, name),
+        Destination::Exchange(name) => (1, name),
     }
 }
 

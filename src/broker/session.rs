@@ -29,9 +29,10 @@ use super::routing::{BindingDef, ConnectionRef, Destination, ExchangeDef, Exchan
 use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
 use crate::codec::{
     BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicDeliver, BasicGetEmpty, BasicGetOk,
-    BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, ExchangeBindOk, ExchangeDeclareOk,
-    ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk, QueueDeleteOk,
-    QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk, TxSelectOk,
+    BasicNack, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, ExchangeBindOk,
+    ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk,
+    QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk,
+    TxSelectOk,
 };
 use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
@@ -84,6 +85,8 @@ struct Confirms {
     /// seq -> owners that still have to confirm it.
     pending: BTreeMap<u64, u32>,
     acked_up_to: u64,
+    /// Nacked seqs above `acked_up_to`: a multiple ack must not cover them.
+    nacked: std::collections::BTreeSet<u64>,
 }
 
 /// Work a transactional channel defers to tx.commit.
@@ -692,6 +695,7 @@ impl Session {
             }
             Method::TxCommit(_) => {
                 let ops = self.take_tx(channel)?;
+                let mut owners: Vec<ShardId> = Vec::new();
                 for op in ops {
                     match op {
                         TxOp::Publish {
@@ -699,20 +703,37 @@ impl Session {
                             routing_key,
                             mandatory,
                             content,
-                        } => self.publish(
-                            channel,
-                            &vhost,
-                            &exchange,
-                            &routing_key,
-                            mandatory,
-                            *content,
-                        ),
+                        } => {
+                            for owner in self.publish(
+                                channel,
+                                &vhost,
+                                &exchange,
+                                &routing_key,
+                                mandatory,
+                                *content,
+                            ) {
+                                if !owners.contains(&owner) {
+                                    owners.push(owner);
+                                }
+                            }
+                        }
                         TxOp::Settle {
                             delivery_tag,
                             multiple,
                             requeue,
                         } => self.settle(channel, delivery_tag, multiple, requeue)?,
                     }
+                }
+                // commit-ok only once every owner has the published messages on disk.
+                let barriers: Vec<_> = owners
+                    .into_iter()
+                    .map(|owner| {
+                        self.shard
+                            .request(owner, |token| ShardMessage::SyncBarrier { token })
+                    })
+                    .collect();
+                for barrier in barriers {
+                    barrier.await;
                 }
                 self.send(channel, TxCommitOk {});
             }
@@ -854,7 +875,7 @@ impl Session {
         routing_key: &ShortStr,
         mandatory: bool,
         content: Content,
-    ) {
+    ) -> Vec<ShardId> {
         let mut queues = Vec::new();
         self.shard.with_routing(vhost, |r| {
             r.route(
@@ -906,9 +927,9 @@ impl Session {
                         confirms.pending.insert(seq, 0);
                     }
                 });
-                self.confirmed(channel, seq);
+                self.confirmed(channel, seq, true);
             }
-            return;
+            return Vec::new();
         }
         // One Publish per owning shard, carrying every target queue it owns.
         let mut by_owner: Vec<(ShardId, Vec<ShortStr>)> = Vec::new();
@@ -929,6 +950,7 @@ impl Session {
                 }
             });
         }
+        let owners: Vec<ShardId> = by_owner.iter().map(|(owner, _)| *owner).collect();
         for (owner, queues) in by_owner {
             self.shard.post(
                 owner,
@@ -944,6 +966,7 @@ impl Session {
                 },
             );
         }
+        owners
     }
 
     fn take_tx(&self, channel: u16) -> Result<Vec<TxOp>, AmqpError> {
@@ -1228,7 +1251,7 @@ impl Session {
     }
 
     fn send_acks(&self, channel: u16) {
-        let ack = self.with_channel(channel, |c| {
+        let acks = self.with_channel(channel, |c| {
             let confirms = c.confirm.as_mut()?;
             let lowest_pending = confirms
                 .pending
@@ -1240,16 +1263,33 @@ impl Session {
             if confirmed_up_to <= confirms.acked_up_to {
                 return None;
             }
-            let multiple = confirmed_up_to - confirms.acked_up_to > 1;
+            let from = confirms.acked_up_to + 1;
             confirms.acked_up_to = confirmed_up_to;
-            // Drop the settled entries below the watermark.
             confirms.pending = confirms.pending.split_off(&lowest_pending);
-            Some(BasicAck {
-                delivery_tag: confirmed_up_to,
-                multiple,
-            })
+            let nacked = std::mem::take(&mut confirms.nacked);
+            confirms.nacked = nacked
+                .iter()
+                .copied()
+                .filter(|s| *s > confirmed_up_to)
+                .collect();
+            let acks: Vec<BasicAck> = if nacked.range(from..=confirmed_up_to).next().is_none() {
+                vec![BasicAck {
+                    delivery_tag: confirmed_up_to,
+                    multiple: confirmed_up_to > from,
+                }]
+            } else {
+                // A nack in the range: ack the others one by one.
+                (from..=confirmed_up_to)
+                    .filter(|seq| !nacked.contains(seq))
+                    .map(|seq| BasicAck {
+                        delivery_tag: seq,
+                        multiple: false,
+                    })
+                    .collect()
+            };
+            Some(acks)
         });
-        if let Some(ack) = ack {
+        for ack in acks.into_iter().flatten() {
             self.send(channel, ack);
         }
     }
@@ -1329,22 +1369,38 @@ impl ConnectionPort for Session {
         }
     }
 
-    fn confirmed(&self, channel: u16, seq: u64) {
+    fn confirmed(&self, channel: u16, seq: u64, ok: bool) {
         let known = self.with_channel(channel, |c| {
             let Some(confirms) = &mut c.confirm else {
                 return false;
             };
             match confirms.pending.get_mut(&seq) {
-                Some(remaining) => {
+                Some(remaining) if ok => {
                     *remaining = remaining.saturating_sub(1);
                     true
+                }
+                Some(remaining) => {
+                    // One owner failed to store it: nacked, whatever the others say.
+                    *remaining = 0;
+                    confirms.nacked.insert(seq)
                 }
                 None => false,
             }
         });
-        if known && self.machine.borrow().is_channel_open(channel) {
-            self.send_acks(channel);
+        if !known || !self.machine.borrow().is_channel_open(channel) {
+            return;
         }
+        if !ok {
+            self.send(
+                channel,
+                BasicNack {
+                    delivery_tag: seq,
+                    multiple: false,
+                    requeue: false,
+                },
+            );
+        }
+        self.send_acks(channel);
     }
 
     fn credit_wanted(&self, consumer: u64, ready: u32) {

@@ -19,13 +19,22 @@ use log::{debug, warn};
 use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery};
 use shards::{Queue, ShardId};
 
+use std::path::Path;
+
+use bytes::BytesMut;
+use log::info;
+use shards::record;
+use shards::wal::{self, LoggedQueue, WalEntry};
+
 use super::coordinator::Coordinator;
 use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
+use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
 use crate::codec::{ReplyCode, ShortStr};
 use crate::config::{Config, QueuePlacement};
 use crate::connection::error::AmqpError;
+use crate::runtime::log_file::{sync_directory, LogWriter};
 use crate::runtime::mesh::{Mesh, SendError};
 use crate::runtime::sync::Signal;
 
@@ -39,8 +48,8 @@ pub trait ConnectionPort {
     fn deliver(&self, delivery: IncomingDelivery) -> bool;
     /// The queue behind a consumer was deleted.
     fn consumer_cancelled(&self, consumer: u64);
-    /// The owner of a published message has it.
-    fn confirmed(&self, channel: u16, seq: u64);
+    /// The owner of a published message has it (`ok`), or failed to store it.
+    fn confirmed(&self, channel: u16, seq: u64, ok: bool);
     /// An on-demand consumer has run out of credit while `ready` messages wait.
     fn credit_wanted(&self, consumer: u64, ready: u32);
 }
@@ -58,6 +67,8 @@ pub struct IncomingDelivery {
 
 struct OwnedQueue {
     queue: Queue,
+    /// Persistent messages on a durable queue are logged.
+    durable: bool,
     auto_delete: bool,
     /// Auto-delete applies once a queue has had a consumer.
     had_consumer: bool,
@@ -90,6 +101,10 @@ pub struct ShardBroker {
     placement: QueuePlacement,
     next_placement: Cell<usize>,
     counters: Cell<MeshCounters>,
+    /// This shard's write-ahead log (persistent messages on durable queues).
+    wal: RefCell<Option<Rc<LogWriter>>>,
+    /// The metadata log (the coordinator's shard only).
+    meta_log: RefCell<Option<Rc<LogWriter>>>,
 }
 
 impl ShardBroker {
@@ -126,6 +141,8 @@ impl ShardBroker {
             placement: config.queues.placement,
             next_placement: Cell::new(0),
             counters: Cell::new(MeshCounters::default()),
+            wal: RefCell::new(None),
+            meta_log: RefCell::new(None),
         });
         if let Some(coordinator) = &broker.coordinator {
             coordinator.start(broker.clone());
@@ -300,31 +317,53 @@ impl ShardBroker {
                 confirm,
             } => {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
+                let mut logged = false;
                 for name in queues {
                     let key = QueueKey {
                         vhost: vhost.clone(),
                         name,
                     };
-                    let published = match self.queues.borrow_mut().get_mut(&key) {
+                    let stored = match self.queues.borrow_mut().get_mut(&key) {
                         Some(owned) => {
-                            owned.queue.publish(message.clone());
-                            true
+                            let id = owned.queue.publish(message.clone());
+                            Some((id, owned.durable && message.is_persistent()))
                         }
-                        None => false,
+                        None => None,
                     };
-                    if published {
-                        self.dispatch(&key);
+                    let Some((id, durable)) = stored else {
+                        continue;
+                    };
+                    if durable {
+                        logged |= self.log(WalEntry::Enqueue {
+                            queue: logged_queue(&key),
+                            id,
+                            message: message.clone(),
+                        });
                     }
+                    self.dispatch(&key);
                 }
                 if let Some(confirm) = confirm {
-                    self.post(from, ShardMessage::Confirmed(confirm));
+                    self.after_logged(logged, move |shard, ok| {
+                        shard.post(from, ShardMessage::Confirmed { to: confirm, ok })
+                    });
                 }
             }
-            ShardMessage::Confirmed(confirm) => {
-                let port = self.connections.borrow().get(&confirm.connection).cloned();
+            ShardMessage::Confirmed { to, ok } => {
+                let port = self.connections.borrow().get(&to.connection).cloned();
                 if let Some(port) = port {
-                    port.confirmed(confirm.channel, confirm.seq);
+                    port.confirmed(to.channel, to.seq, ok);
                 }
+            }
+            ShardMessage::SyncBarrier { token } => {
+                self.after_logged(true, move |shard, _| {
+                    shard.post(
+                        from,
+                        ShardMessage::Reply {
+                            token,
+                            reply: Reply::Applied,
+                        },
+                    )
+                });
             }
             ShardMessage::Consume {
                 token,
@@ -394,12 +433,23 @@ impl ShardBroker {
                 ids,
                 requeue,
             } => {
-                if let Some(owned) = self.queues.borrow_mut().get_mut(&queue) {
-                    if requeue {
-                        owned.queue.requeue(&ids);
-                    } else {
-                        owned.queue.ack(&ids);
+                let mut persistent = Vec::new();
+                let durable = match self.queues.borrow_mut().get_mut(&queue) {
+                    Some(owned) => {
+                        if requeue {
+                            owned.queue.requeue(&ids);
+                        } else {
+                            owned.queue.ack(&ids, &mut persistent);
+                        }
+                        owned.durable
                     }
+                    None => false,
+                };
+                if durable && !persistent.is_empty() {
+                    self.log(WalEntry::Settle {
+                        queue: logged_queue(&queue),
+                        ids: persistent,
+                    });
                 }
                 if requeue {
                     self.dispatch(&queue);
@@ -413,8 +463,31 @@ impl ShardBroker {
             } => {
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
-                    Some(owned) => Ok(owned.queue.get(channel, no_ack)),
+                    Some(owned) => {
+                        let got = owned.queue.get(channel, no_ack);
+                        let log = got
+                            .as_ref()
+                            .filter(|g| owned.durable && g.message.is_persistent());
+                        Ok((got.clone(), log.map(|g| g.id)))
+                    }
                 };
+                let result = result.map(|(got, logged_id)| {
+                    if let Some(id) = logged_id {
+                        let entry = if no_ack {
+                            WalEntry::Settle {
+                                queue: logged_queue(&queue),
+                                ids: vec![id],
+                            }
+                        } else {
+                            WalEntry::Delivered {
+                                queue: logged_queue(&queue),
+                                ids: vec![id],
+                            }
+                        };
+                        self.log(entry);
+                    }
+                    got
+                });
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -424,10 +497,23 @@ impl ShardBroker {
                 );
             }
             ShardMessage::Purge { token, queue } => {
+                let mut persistent = Vec::new();
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
-                    Some(owned) => Ok(owned.queue.purge()),
+                    Some(owned) => {
+                        let count = owned.queue.purge(&mut persistent);
+                        if !owned.durable {
+                            persistent.clear();
+                        }
+                        Ok(count)
+                    }
                 };
+                if !persistent.is_empty() {
+                    self.log(WalEntry::Settle {
+                        queue: logged_queue(&queue),
+                        ids: persistent,
+                    });
+                }
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -615,6 +701,11 @@ impl ShardBroker {
             return Ok(0);
         };
         drop(queues);
+        if owned.durable {
+            self.log(WalEntry::DeleteQueue {
+                queue: logged_queue(key),
+            });
+        }
         for consumer in owned.queue.consumers() {
             self.post(
                 consumer.key.shard,
@@ -643,6 +734,7 @@ impl ShardBroker {
                     .entry(key)
                     .or_insert_with(|| OwnedQueue {
                         queue: Queue::new(),
+                        durable: def.durable,
                         auto_delete: def.auto_delete,
                         had_consumer: false,
                     });
@@ -660,6 +752,194 @@ impl ShardBroker {
             }
             _ => {}
         }
+    }
+
+    /// Appends to this shard's log, if it has one; returns whether it did.
+    fn log(&self, entry: WalEntry) -> bool {
+        let wal = self.wal.borrow();
+        let Some(wal) = wal.as_ref() else {
+            return false;
+        };
+        let mut payload = BytesMut::new();
+        let kind = entry.encode(&mut payload);
+        wal.append(kind, &payload);
+        true
+    }
+
+    /// Runs `then` once what was logged so far is durable (at once if nothing was logged).
+    fn after_logged(self: &Rc<Self>, logged: bool, then: impl FnOnce(&Rc<Self>, bool) + 'static) {
+        let wal = self.wal.borrow().clone();
+        match wal {
+            Some(wal) if logged => {
+                let shard = self.clone();
+                wal.after_sync(move |ok| then(&shard, ok));
+            }
+            _ => then(self, true),
+        }
+    }
+
+    /// Appends a metadata change to the metadata log (coordinator only) and waits until it is
+    /// durable. Returns false if the log failed.
+    pub async fn log_meta(&self, vhost: &ShortStr, op: &MetaOp) -> bool {
+        let log = self.meta_log.borrow().clone();
+        let Some(log) = log else {
+            return true;
+        };
+        let logged = self
+            .with_routing(vhost, |routing| meta_log::is_logged(routing, op))
+            .unwrap_or(false);
+        if !logged {
+            return true;
+        }
+        let mut payload = BytesMut::new();
+        let kind = meta_log::encode(vhost, op, &mut payload);
+        log.append(kind, &payload);
+        let (sender, receiver) = oneshot::channel();
+        log.after_sync(move |ok| sender.send(ok));
+        receiver.await.unwrap_or(false)
+    }
+
+    /// Start-up, before the shard serves: applies the durable metadata, replays this shard's
+    /// write-ahead log into its durable queues, writes the live state as a new log generation,
+    /// and removes the old ones. The coordinator's shard does the same for the metadata log.
+    pub async fn open_storage(
+        self: &Rc<Self>,
+        data_dir: &Path,
+        metadata: &DurableMetadata,
+    ) -> Result<(), String> {
+        for (vhost, op) in &metadata.ops {
+            self.apply_meta(vhost, op);
+        }
+        let dir = data_dir.join(format!("shard-{}", self.id.index()));
+        let files = meta_log::generations(&dir, "wal")
+            .map_err(|e| format!("{}: cannot list {}: {e}", self.id, dir.display()))?;
+        let mut entries = Vec::new();
+        for (_, path) in &files {
+            let image = std::fs::read(path)
+                .map_err(|e| format!("{}: cannot read {}: {e}", self.id, path.display()))?;
+            let replayed = record::replay(bytes::Bytes::from(image));
+            if replayed.dropped_bytes > 0 {
+                warn!(
+                    "{}: {}: dropped a damaged tail of {} bytes after {} intact bytes ({})",
+                    self.id,
+                    path.display(),
+                    replayed.dropped_bytes,
+                    replayed.valid_bytes,
+                    replayed.stopped_by.unwrap_or("unknown")
+                );
+            }
+            for record in &replayed.records {
+                match WalEntry::decode(record) {
+                    Ok(entry) => entries.push(entry),
+                    Err(record::Malformed(what)) => {
+                        warn!(
+                            "{}: {}: malformed record at offset {} ({what}); ignoring the rest",
+                            self.id,
+                            path.display(),
+                            record.offset
+                        );
+                        break;
+                    }
+                }
+            }
+        }
+        let mut restored = 0usize;
+        let mut orphaned = 0usize;
+        for (logged, messages) in wal::fold(entries) {
+            let key = QueueKey {
+                vhost: ShortStr::from_bytes(logged.vhost).unwrap_or_default(),
+                name: ShortStr::from_bytes(logged.name).unwrap_or_default(),
+            };
+            let mut queues = self.queues.borrow_mut();
+            match queues.get_mut(&key).filter(|owned| owned.durable) {
+                Some(owned) => {
+                    restored += messages.len();
+                    for recovered in messages {
+                        owned
+                            .queue
+                            .restore(recovered.id, recovered.message, recovered.redelivered);
+                    }
+                }
+                None => orphaned += messages.len(),
+            }
+        }
+        if !files.is_empty() {
+            info!(
+                "{}: recovered {restored} persistent messages from {} log files{}",
+                self.id,
+                files.len(),
+                if orphaned > 0 {
+                    format!(" ({orphaned} of queues that no longer exist dropped)")
+                } else {
+                    String::new()
+                }
+            );
+        }
+        // The new generation: the live state, then the changes from here on.
+        let generation = files.last().map_or(1, |(generation, _)| generation + 1);
+        let path = dir.join(format!("wal-{generation:016}.log"));
+        let wal = LogWriter::create(&path)
+            .await
+            .map_err(|e| format!("{}: cannot create {}: {e}", self.id, path.display()))?;
+        for (key, owned) in self.queues.borrow().iter().filter(|(_, o)| o.durable) {
+            let queue = logged_queue(key);
+            let mut redelivered = Vec::new();
+            for (id, message, was_redelivered) in owned.queue.ready_messages() {
+                if !message.is_persistent() {
+                    continue;
+                }
+                let mut payload = BytesMut::new();
+                let entry = WalEntry::Enqueue {
+                    queue: queue.clone(),
+                    id,
+                    message: message.clone(),
+                };
+                let kind = entry.encode(&mut payload);
+                wal.append(kind, &payload);
+                if was_redelivered {
+                    redelivered.push(id);
+                }
+            }
+            if !redelivered.is_empty() {
+                let mut payload = BytesMut::new();
+                let kind = WalEntry::Delivered {
+                    queue,
+                    ids: redelivered,
+                }
+                .encode(&mut payload);
+                wal.append(kind, &payload);
+            }
+        }
+        sync_log(&wal).await?;
+        for (_, old) in &files {
+            std::fs::remove_file(old)
+                .map_err(|e| format!("{}: cannot remove {}: {e}", self.id, old.display()))?;
+        }
+        sync_directory(&dir).map_err(|e| format!("{}: {e}", self.id))?;
+        *self.wal.borrow_mut() = Some(wal);
+
+        if self.coordinator.is_some() {
+            let path = data_dir.join(format!("meta-{:016}.log", metadata.next_generation));
+            let log = LogWriter::create(&path)
+                .await
+                .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
+            let mut payload = BytesMut::new();
+            let kind = meta_log::encode_header(self.shard_count, &mut payload);
+            log.append(kind, &payload);
+            for (vhost, op) in &metadata.ops {
+                let mut payload = BytesMut::new();
+                let kind = meta_log::encode(vhost, op, &mut payload);
+                log.append(kind, &payload);
+            }
+            sync_log(&log).await?;
+            for old in &metadata.files {
+                std::fs::remove_file(old)
+                    .map_err(|e| format!("cannot remove {}: {e}", old.display()))?;
+            }
+            sync_directory(data_dir).map_err(|e| e.to_string())?;
+            *self.meta_log.borrow_mut() = Some(log);
+        }
+        Ok(())
     }
 
     /// The owner of a queue that is about to be created.
@@ -696,6 +976,22 @@ impl ShardBroker {
             connection,
             consumer,
         }
+    }
+}
+
+fn logged_queue(key: &QueueKey) -> LoggedQueue {
+    LoggedQueue {
+        vhost: key.vhost.clone().into_bytes(),
+        name: key.name.clone().into_bytes(),
+    }
+}
+
+async fn sync_log(log: &Rc<LogWriter>) -> Result<(), String> {
+    let (sender, receiver) = oneshot::channel();
+    log.after_sync(move |ok| sender.send(ok));
+    match receiver.await {
+        Some(true) => Ok(()),
+        _ => Err("a log could not be written".into()),
     }
 }
 

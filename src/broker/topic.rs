@@ -123,6 +123,12 @@ impl<T: PartialEq + Clone> TopicTrie<T> {
         removed
     }
 
+    /// Calls `visit` with every binding key and value in the trie.
+    pub fn for_each(&self, visit: &mut impl FnMut(&[u8], &T)) {
+        let mut key = Vec::new();
+        for_each_at(&self.root, &mut key, 0, visit);
+    }
+
     /// Calls `found` for every value bound with a key that matches `routing_key`. A value bound
     /// under several matching keys is reported once per key; callers deduplicate.
     pub fn for_each_match(&self, routing_key: &[u8], found: &mut impl FnMut(&T)) {
@@ -180,6 +186,35 @@ fn remove_where_at<T>(node: &mut Node<T>, predicate: &mut impl FnMut(&T) -> bool
         !child.is_empty()
     });
     removed
+}
+
+fn for_each_at<T>(
+    node: &Node<T>,
+    key: &mut Vec<u8>,
+    depth: usize,
+    visit: &mut impl FnMut(&[u8], &T),
+) {
+    for value in &node.bound {
+        visit(key, value);
+    }
+    let mut descend = |word: &[u8], child: &Node<T>, key: &mut Vec<u8>| {
+        let start = key.len();
+        if depth > 0 {
+            key.push(b'.');
+        }
+        key.extend_from_slice(word);
+        for_each_at(child, key, depth + 1, visit);
+        key.truncate(start);
+    };
+    if let Some(star) = &node.star {
+        descend(b"*", star, key);
+    }
+    if let Some(hash) = &node.hash {
+        descend(b"#", hash, key);
+    }
+    for (word, child) in &node.children {
+        descend(word, child, key);
+    }
 }
 
 fn match_at<T>(node: &Node<T>, words: &[&[u8]], found: &mut impl FnMut(&T)) {
@@ -277,6 +312,27 @@ mod tests {
         assert_eq!(trie.remove_where(&mut |v| *v >= 2), 2);
         assert!(trie.is_empty());
         assert!(trie.root.is_empty());
+    }
+
+    #[test]
+    fn for_each_gives_back_every_binding_key() {
+        let mut trie = TopicTrie::default();
+        let keys = ["", "a", ".a", "a..b", "*.x.#", "#", "a.#.#.b"];
+        for (i, k) in keys.iter().enumerate() {
+            trie.insert(&key(k), i);
+        }
+        let mut seen = Vec::new();
+        trie.for_each(&mut |k: &[u8], v: &usize| {
+            seen.push((String::from_utf8(k.to_vec()).unwrap(), *v))
+        });
+        seen.sort_by_key(|(_, v)| *v);
+        let expected: Vec<(String, usize)> = keys
+            .iter()
+            .enumerate()
+            // runs of # are collapsed on insert
+            .map(|(i, k)| (k.replace("#.#", "#"), i))
+            .collect();
+        assert_eq!(seen, expected);
     }
 
     #[test]

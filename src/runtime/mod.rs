@@ -13,6 +13,7 @@
 //! sends connection.close 320 CONNECTION_FORCED on every connection, waits up to
 //! `runtime.shutdown_grace_ms` for them to finish, shuts down the sockets still open, and exits.
 
+pub mod log_file;
 pub mod mesh;
 pub mod sync;
 
@@ -30,6 +31,7 @@ use log::{debug, error, info, warn};
 use shards::ShardId;
 
 use crate::broker::messages::ShardMessage;
+use crate::broker::meta_log::{self, DurableMetadata};
 use crate::broker::shard::ShardBroker;
 use crate::config::Config;
 use crate::connection::auth::Directory;
@@ -96,6 +98,7 @@ impl Drop for ShardExitGuard {
 /// Everything a shard thread needs; all of it is `Send`.
 struct ShardStart {
     shard: ShardId,
+    metadata: Arc<DurableMetadata>,
     config: Arc<Config>,
     listen: SocketAddr,
     mesh: MeshBuilderFull<Vec<ShardMessage>>,
@@ -118,6 +121,23 @@ impl Broker {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("cannot create data directory {}: {e}", dir.display()))?;
         }
+        // Durable metadata first: every shard applies it before it replays its own log.
+        let metadata = meta_log::recover(&config.data_dir, &config.vhosts).map_err(|e| {
+            format!(
+                "cannot read the metadata log in {}: {e}",
+                config.data_dir.display()
+            )
+        })?;
+        if let Some(recorded) = metadata.shard_count {
+            if recorded != shard_count {
+                return Err(format!(
+                    "{} was written by {recorded} shards and this broker runs {shard_count}; \
+                     queues are owned by shard number, so start it with --shards {recorded}",
+                    config.data_dir.display()
+                ));
+            }
+        }
+        let metadata = Arc::new(metadata);
         let config = Arc::new(config.clone());
         let shutdown_requested = Arc::new(AtomicBool::new(false));
         let mesh = MeshBuilder::full(shard_count, config.runtime.mesh_channel_capacity);
@@ -132,6 +152,7 @@ impl Broker {
             let (bound_tx, bound_rx) = mpsc::channel();
             let start = ShardStart {
                 shard: ShardId(index),
+                metadata: metadata.clone(),
                 config: config.clone(),
                 listen: broker.local_addr,
                 mesh: mesh.clone(),
@@ -258,6 +279,7 @@ struct Shard {
 async fn run_shard(start: ShardStart) -> Result<(), String> {
     let ShardStart {
         shard,
+        metadata,
         config,
         listen,
         mesh,
@@ -306,6 +328,9 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
             }
         }),
     );
+    if let Err(e) = broker.open_storage(&config.data_dir, &metadata).await {
+        return report(Err(e));
+    }
     match within(START_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => return report(Err(e)),

@@ -22,7 +22,30 @@ pub struct Broker {
     child: Child,
     pub addr: SocketAddr,
     data_dir: TempDir,
+    config_toml: String,
+    shards: usize,
     log: Arc<Mutex<String>>,
+}
+
+/// A broker that was stopped, with its data directory kept for a restart.
+pub struct Stopped {
+    data_dir: TempDir,
+    config_toml: String,
+    shards: usize,
+    /// What the broker logged before it stopped.
+    pub log: String,
+}
+
+impl Stopped {
+    /// Starts the broker again on the same data directory (on a new port).
+    pub fn restart(self) -> Broker {
+        Broker::spawn(self.data_dir, &self.config_toml, self.shards)
+    }
+
+    /// Restarts with another shard count.
+    pub fn override_shards(&mut self, shards: usize) {
+        self.shards = shards;
+    }
 }
 
 impl Broker {
@@ -33,20 +56,41 @@ impl Broker {
 
     /// A broker with `config_toml` laid over the embedded default.
     pub fn start_with_config(config_toml: &str) -> Broker {
-        let data_dir = tempfile::tempdir().expect("temporary data dir");
+        Broker::spawn(
+            tempfile::tempdir().expect("temporary data dir"),
+            config_toml,
+            2,
+        )
+    }
+
+    /// Stops the broker with `signal` (SIGTERM for a clean stop, SIGKILL for a crash) and keeps
+    /// its data directory.
+    pub fn stop(mut self, signal: i32) -> Stopped {
+        self.signal(signal);
+        self.wait_exit(Duration::from_secs(20))
+            .expect("the broker exits");
+        let log = self.log();
+        // Take the directory out; Drop only has the (already reaped) child left to handle.
+        let data_dir = std::mem::replace(
+            &mut self.data_dir,
+            tempfile::tempdir().expect("placeholder dir"),
+        );
+        Stopped {
+            data_dir,
+            config_toml: self.config_toml.clone(),
+            shards: self.shards,
+            log,
+        }
+    }
+
+    fn spawn(data_dir: TempDir, config_toml: &str, shards: usize) -> Broker {
         let config_path = data_dir.path().join("test-config.toml");
         std::fs::write(&config_path, config_toml).expect("write config");
         let mut child = Command::new(env!("CARGO_BIN_EXE_shardmq"))
             .arg("--config")
             .arg(&config_path)
-            .args([
-                "--listen",
-                "127.0.0.1:0",
-                "--shards",
-                "2",
-                "--log-level",
-                "debug",
-            ])
+            .args(["--listen", "127.0.0.1:0", "--log-level", "debug"])
+            .args(["--shards", &shards.to_string()])
             .arg("--data-dir")
             .arg(data_dir.path().join("data"))
             .stdin(Stdio::null())
@@ -93,6 +137,8 @@ impl Broker {
             child,
             addr,
             data_dir,
+            config_toml: config_toml.to_string(),
+            shards,
             log,
         }
     }
