@@ -28,6 +28,14 @@ pub struct Config {
     pub runtime: RuntimeConfig,
     pub connection: ConnectionConfig,
     pub queues: QueuesConfig,
+    pub storage: StorageConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StorageConfig {
+    pub segment_bytes_max: u64,
+    pub compact_live_fraction: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -174,6 +182,12 @@ impl Config {
             return fail(
                 "connection.outbound_buffer_bytes_max must hold at least one frame".into(),
             );
+        }
+        if self.storage.segment_bytes_max < 65536 {
+            return fail("storage.segment_bytes_max must be at least 65536".into());
+        }
+        if !(0.0..=1.0).contains(&self.storage.compact_live_fraction) {
+            return fail("storage.compact_live_fraction must be between 0 and 1".into());
         }
         if self.queues.consumer_window_messages == 0 {
             return fail("queues.consumer_window_messages must be at least 1".into());

@@ -360,6 +360,18 @@ impl Queue {
         self.ready.insert(position, Ready::new(id, message, true));
     }
 
+    /// A message still in the queue, ready or delivered: (message, delivered before).
+    pub fn find(&self, id: MessageId) -> Option<(&Message, bool)> {
+        if let Some(unacked) = self.unacked.get(&id) {
+            return Some((&unacked.message, true));
+        }
+        let position = self.ready.partition_point(|r| r.id() < id);
+        self.ready
+            .get(position)
+            .filter(|r| r.id() == id)
+            .map(|r| (&r.message, r.redelivered()))
+    }
+
     /// Ready messages in order: (id, message, redelivered).
     pub fn ready_messages(&self) -> impl Iterator<Item = (MessageId, &Message, bool)> {
         self.ready

@@ -11,4 +11,5 @@ pub mod oneshot;
 pub mod routing;
 pub mod session;
 pub mod shard;
+pub mod storage;
 pub mod topic;

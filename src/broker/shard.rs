@@ -17,7 +17,7 @@ use std::time::Duration;
 use ahash::{HashMap, HashMapExt};
 use log::{debug, warn};
 use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery};
-use shards::{Queue, ShardId};
+use shards::{Message, MessageId, Queue, ShardId};
 
 use std::path::Path;
 
@@ -31,6 +31,7 @@ use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
+use super::storage::{after_synced, SegmentedWal};
 use crate::codec::{ReplyCode, ShortStr};
 use crate::config::{Config, QueuePlacement};
 use crate::connection::error::AmqpError;
@@ -102,7 +103,10 @@ pub struct ShardBroker {
     next_placement: Cell<usize>,
     counters: Cell<MeshCounters>,
     /// This shard's write-ahead log (persistent messages on durable queues).
-    wal: RefCell<Option<Rc<LogWriter>>>,
+    wal: RefCell<Option<Rc<SegmentedWal>>>,
+    reclaiming: Cell<bool>,
+    segment_bytes_max: u64,
+    compact_live_fraction: f64,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
 }
@@ -142,6 +146,9 @@ impl ShardBroker {
             next_placement: Cell::new(0),
             counters: Cell::new(MeshCounters::default()),
             wal: RefCell::new(None),
+            reclaiming: Cell::new(false),
+            segment_bytes_max: config.storage.segment_bytes_max,
+            compact_live_fraction: config.storage.compact_live_fraction,
             meta_log: RefCell::new(None),
         });
         if let Some(coordinator) = &broker.coordinator {
@@ -317,7 +324,7 @@ impl ShardBroker {
                 confirm,
             } => {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
-                let mut logged = false;
+                let mut logged: Vec<Rc<LogWriter>> = Vec::new();
                 for name in queues {
                     let key = QueueKey {
                         vhost: vhost.clone(),
@@ -334,11 +341,16 @@ impl ShardBroker {
                         continue;
                     };
                     if durable {
-                        logged |= self.log(WalEntry::Enqueue {
+                        let writer = self.log(WalEntry::Enqueue {
                             queue: logged_queue(&key),
                             id,
                             message: message.clone(),
                         });
+                        if let Some(writer) = writer {
+                            if !logged.iter().any(|w| Rc::ptr_eq(w, &writer)) {
+                                logged.push(writer);
+                            }
+                        }
                     }
                     self.dispatch(&key);
                 }
@@ -355,7 +367,7 @@ impl ShardBroker {
                 }
             }
             ShardMessage::SyncBarrier { token } => {
-                self.after_logged(true, move |shard, _| {
+                let reply = move |shard: &Rc<Self>| {
                     shard.post(
                         from,
                         ShardMessage::Reply {
@@ -363,7 +375,15 @@ impl ShardBroker {
                             reply: Reply::Applied,
                         },
                     )
-                });
+                };
+                let wal = self.wal.borrow().clone();
+                match wal {
+                    Some(wal) => {
+                        let shard = self.clone();
+                        wal.after_all_synced(move |_| reply(&shard));
+                    }
+                    None => reply(self),
+                }
             }
             ShardMessage::Consume {
                 token,
@@ -754,28 +774,58 @@ impl ShardBroker {
         }
     }
 
-    /// Appends to this shard's log, if it has one; returns whether it did.
-    fn log(&self, entry: WalEntry) -> bool {
-        let wal = self.wal.borrow();
-        let Some(wal) = wal.as_ref() else {
-            return false;
-        };
-        let mut payload = BytesMut::new();
-        let kind = entry.encode(&mut payload);
-        wal.append(kind, &payload);
-        true
+    /// Appends to this shard's log, if it has one; returns the segment log that holds it.
+    fn log(self: &Rc<Self>, entry: WalEntry) -> Option<Rc<LogWriter>> {
+        let reclaimable = matches!(
+            entry,
+            WalEntry::Settle { .. } | WalEntry::DeleteQueue { .. }
+        );
+        let wal = self.wal.borrow().clone()?;
+        let writer = wal.append(&entry);
+        if reclaimable {
+            self.schedule_reclaim();
+        }
+        Some(writer)
     }
 
-    /// Runs `then` once what was logged so far is durable (at once if nothing was logged).
-    fn after_logged(self: &Rc<Self>, logged: bool, then: impl FnOnce(&Rc<Self>, bool) + 'static) {
-        let wal = self.wal.borrow().clone();
-        match wal {
-            Some(wal) if logged => {
-                let shard = self.clone();
-                wal.after_sync(move |ok| then(&shard, ok));
-            }
-            _ => then(self, true),
+    /// Runs `then` once the records in `logged` are durable (at once if there are none).
+    fn after_logged(
+        self: &Rc<Self>,
+        logged: Vec<Rc<LogWriter>>,
+        then: impl FnOnce(&Rc<Self>, bool) + 'static,
+    ) {
+        let shard = self.clone();
+        after_synced(logged, move |ok| then(&shard, ok));
+    }
+
+    /// Frees log segments whose messages are all settled, in a background task.
+    fn schedule_reclaim(self: &Rc<Self>) {
+        if self.reclaiming.replace(true) {
+            return;
         }
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            // Let the current batch of settlements land first.
+            futures_lite::future::yield_now().await;
+            let wal = shard.wal.borrow().clone();
+            if let Some(wal) = wal {
+                let lookup = shard.clone();
+                wal.reclaim(move |queue, id| lookup.find_message(queue, id))
+                    .await;
+            }
+            shard.reclaiming.set(false);
+        })
+        .detach();
+    }
+
+    fn find_message(&self, queue: &LoggedQueue, id: MessageId) -> Option<(Message, bool)> {
+        let key = QueueKey {
+            vhost: ShortStr::from_bytes(queue.vhost.clone()).ok()?,
+            name: ShortStr::from_bytes(queue.name.clone()).ok()?,
+        };
+        let queues = self.queues.borrow();
+        let (message, delivered) = queues.get(&key)?.queue.find(id)?;
+        Some((message.clone(), delivered))
     }
 
     /// Appends a metadata change to the metadata log (coordinator only) and waits until it is
@@ -877,10 +927,14 @@ impl ShardBroker {
         }
         // The new generation: the live state, then the changes from here on.
         let generation = files.last().map_or(1, |(generation, _)| generation + 1);
-        let path = dir.join(format!("wal-{generation:016}.log"));
-        let wal = LogWriter::create(&path)
-            .await
-            .map_err(|e| format!("{}: cannot create {}: {e}", self.id, path.display()))?;
+        let wal = SegmentedWal::create(
+            &dir,
+            generation,
+            self.segment_bytes_max,
+            self.compact_live_fraction,
+        )
+        .await
+        .map_err(|e| format!("{}: cannot create a log in {}: {e}", self.id, dir.display()))?;
         for (key, owned) in self.queues.borrow().iter().filter(|(_, o)| o.durable) {
             let queue = logged_queue(key);
             let mut redelivered = Vec::new();
@@ -888,29 +942,27 @@ impl ShardBroker {
                 if !message.is_persistent() {
                     continue;
                 }
-                let mut payload = BytesMut::new();
-                let entry = WalEntry::Enqueue {
+                wal.append(&WalEntry::Enqueue {
                     queue: queue.clone(),
                     id,
                     message: message.clone(),
-                };
-                let kind = entry.encode(&mut payload);
-                wal.append(kind, &payload);
+                });
                 if was_redelivered {
                     redelivered.push(id);
                 }
             }
             if !redelivered.is_empty() {
-                let mut payload = BytesMut::new();
-                let kind = WalEntry::Delivered {
+                wal.append(&WalEntry::Delivered {
                     queue,
                     ids: redelivered,
-                }
-                .encode(&mut payload);
-                wal.append(kind, &payload);
+                });
             }
         }
-        sync_log(&wal).await?;
+        let (sender, receiver) = oneshot::channel();
+        wal.after_all_synced(move |ok| sender.send(ok));
+        if receiver.await != Some(true) {
+            return Err(format!("{}: the new log could not be written", self.id));
+        }
         for (_, old) in &files {
             std::fs::remove_file(old)
                 .map_err(|e| format!("{}: cannot remove {}: {e}", self.id, old.display()))?;

@@ -32,6 +32,7 @@ pub struct LogWriter {
     callbacks: RefCell<Vec<Callback>>,
     wake: Notify,
     failed: Cell<bool>,
+    closed: Cell<bool>,
     /// Bytes made durable so far.
     synced_bytes: Cell<u64>,
 }
@@ -46,6 +47,7 @@ impl LogWriter {
             callbacks: RefCell::new(Vec::new()),
             wake: Notify::default(),
             failed: Cell::new(false),
+            closed: Cell::new(false),
             synced_bytes: Cell::new(0),
         });
         glommio::spawn_local(log.clone().run(file)).detach();
@@ -72,6 +74,12 @@ impl LogWriter {
         self.wake.notify();
     }
 
+    /// Stops the writer task once what is pending is written (the file is being removed).
+    pub fn close(&self) {
+        self.closed.set(true);
+        self.wake.notify();
+    }
+
     pub fn synced_bytes(&self) -> u64 {
         self.synced_bytes.get()
     }
@@ -85,6 +93,9 @@ impl LogWriter {
         let mut tail_offset = 0u64;
         loop {
             if self.pending.borrow().is_empty() && self.callbacks.borrow().is_empty() {
+                if self.closed.get() {
+                    return;
+                }
                 self.wake.wait().await;
                 continue;
             }

@@ -143,6 +143,11 @@ impl Broker {
         }
     }
 
+    /// The broker's data directory.
+    pub fn data_path(&self) -> std::path::PathBuf {
+        self.data_dir.path().join("data")
+    }
+
     pub fn port(&self) -> u16 {
         self.addr.port()
     }
