@@ -20,7 +20,7 @@ fn main() {
     let messages: u64 = if support::measuring() {
         1_000_000
     } else {
-        10_000
+        12_800
     };
     let dir = tempfile::tempdir().expect("temp dir");
     let path = dir.path().join("wal-0000000000000001.log");
