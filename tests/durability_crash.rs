@@ -119,3 +119,116 @@ async fn confirmed_messages_survive_sigkill_exactly_once() {
         }
     }
 }
+
+/// SIGKILL while a consumer acks: no message acked before a completed synchronous method
+/// reappears; every message never acked is back, redelivered (the broker cannot know what it
+/// had delivered), each once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acked_messages_stay_acked_across_sigkill() {
+    use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
+
+    const MESSAGES: u64 = 2000;
+    let mut broker = Broker::start_with_config(BALANCED);
+    for round in 0..2u64 {
+        let queue = format!("work-{round}");
+        {
+            let (_c, channel, recorder) = open_channel(&broker).await;
+            channel
+                .confirm_select(ConfirmSelectArguments::default())
+                .await
+                .unwrap();
+            let mut declare = QueueDeclareArguments::new(&queue);
+            declare.durable(true);
+            channel.queue_declare(declare).await.unwrap();
+            for n in 0..MESSAGES {
+                channel
+                    .basic_publish(
+                        BasicProperties::default().with_persistence(true).finish(),
+                        n.to_string().into_bytes(),
+                        BasicPublishArguments::new("", &queue),
+                    )
+                    .await
+                    .unwrap();
+            }
+            recorder
+                .wait_for("all confirms", |r| r.confirmed_up_to() == MESSAGES)
+                .await;
+        }
+        let (connection, consumer, _) = open_channel(&broker).await;
+        consumer
+            .basic_qos(BasicQosArguments::new(0, 50, false))
+            .await
+            .unwrap();
+        let (_, mut rx) = consumer
+            .basic_consume_rx(BasicConsumeArguments::new(&queue, "worker"))
+            .await
+            .unwrap();
+        let mut acked_durably: BTreeSet<u64> = BTreeSet::new();
+        let mut acked_pending: Vec<u64> = Vec::new();
+        let stop_after = 500 + round * 600;
+        for _ in 0..stop_after {
+            let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
+                .await
+                .expect("delivery")
+                .expect("open");
+            let n: u64 = String::from_utf8(message.content.unwrap())
+                .unwrap()
+                .parse()
+                .unwrap();
+            consumer
+                .basic_ack(BasicAckArguments::new(
+                    message.deliver.unwrap().delivery_tag(),
+                    false,
+                ))
+                .await
+                .unwrap();
+            acked_pending.push(n);
+            if acked_pending.len() == 25 {
+                // A synchronous method: its reply means the acks before it are on disk.
+                consumer
+                    .basic_qos(BasicQosArguments::new(0, 50, false))
+                    .await
+                    .unwrap();
+                acked_durably.extend(acked_pending.drain(..));
+            }
+        }
+        let stopped = broker.stop(libc::SIGKILL);
+        drop(connection);
+        broker = stopped.restart();
+
+        let (_c, channel, _) = open_channel(&broker).await;
+        let mut recovered = Vec::new();
+        loop {
+            let mut args = BasicGetArguments::new(&queue);
+            args.no_ack(true);
+            match channel.basic_get(args).await.unwrap() {
+                Some((get_ok, _, content)) => {
+                    assert!(
+                        get_ok.redelivered(),
+                        "after a crash every message is flagged"
+                    );
+                    recovered.push(String::from_utf8(content).unwrap().parse::<u64>().unwrap());
+                }
+                None => break,
+            }
+        }
+        assert!(
+            recovered.windows(2).all(|w| w[0] < w[1]),
+            "round {round}: order or duplicates"
+        );
+        let present: BTreeSet<u64> = recovered.iter().copied().collect();
+        for n in &acked_durably {
+            assert!(
+                !present.contains(n),
+                "round {round}: acked message {n} came back"
+            );
+        }
+        for n in 0..MESSAGES {
+            let acked = acked_durably.contains(&n) || acked_pending.contains(&n);
+            assert!(
+                acked || present.contains(&n),
+                "round {round}: unacked message {n} lost"
+            );
+        }
+    }
+}

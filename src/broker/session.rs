@@ -148,6 +148,8 @@ pub struct Session {
     machine: Rc<RefCell<ConnectionMachine>>,
     write_wanted: Rc<Notify>,
     state: RefCell<State>,
+    /// Owners sent a settlement since the last barrier (see `execute`).
+    settled_owners: RefCell<Vec<ShardId>>,
     next_consumer: Cell<u64>,
     consumer_window: u32,
     outbound_bytes_max: usize,
@@ -177,6 +179,7 @@ impl Session {
             machine,
             write_wanted,
             state: RefCell::new(State::default()),
+            settled_owners: RefCell::new(Vec::new()),
             next_consumer: Cell::new(1),
             consumer_window,
             outbound_bytes_max,
@@ -241,8 +244,36 @@ impl Session {
     pub async fn execute(self: &Rc<Self>, command: Command) {
         let channel = command.channel;
         let cause = command.method.clone();
+        // Acks are fire-and-forget, but once a client sees the reply to a later method it may
+        // count on them: before answering anything, make the settlements sent so far durable.
+        let asynchronous = matches!(
+            command.method,
+            Method::BasicPublish(_)
+                | Method::BasicAck(_)
+                | Method::BasicNack(_)
+                | Method::BasicReject(_)
+        );
+        if !asynchronous {
+            self.settlement_barrier().await;
+        }
         if let Err(error) = self.run(command).await {
             self.raise(channel, error, &cause);
+        }
+    }
+
+    /// Waits until every owner that was sent a settlement (ack or drop) since the last barrier
+    /// has it on disk.
+    async fn settlement_barrier(self: &Rc<Self>) {
+        let owners = std::mem::take(&mut *self.settled_owners.borrow_mut());
+        let barriers: Vec<_> = owners
+            .into_iter()
+            .map(|owner| {
+                self.shard
+                    .request(owner, |token| ShardMessage::SyncBarrier { token })
+            })
+            .collect();
+        for barrier in barriers {
+            barrier.await;
         }
     }
 
@@ -1055,6 +1086,13 @@ impl Session {
             }
         }
         for (queue, owner, ids) in by_queue {
+            let durable = self.shard.queue_def(&queue).is_some_and(|q| q.durable);
+            if !requeue && durable {
+                let mut owners = self.settled_owners.borrow_mut();
+                if !owners.contains(&owner) {
+                    owners.push(owner);
+                }
+            }
             self.shard.post(
                 owner,
                 ShardMessage::Settle {

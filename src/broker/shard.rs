@@ -994,6 +994,20 @@ impl ShardBroker {
         Ok(())
     }
 
+    /// Graceful shutdown: marks the log as cleanly closed (so the next start trusts its delivery
+    /// marks) and waits until everything is on disk.
+    pub async fn close_storage(&self) {
+        let wal = self.wal.borrow().clone();
+        if let Some(wal) = wal {
+            wal.append(&WalEntry::CleanShutdown);
+            let (sender, receiver) = oneshot::channel();
+            wal.after_all_synced(move |ok| sender.send(ok));
+            if receiver.await != Some(true) {
+                warn!("{}: the log could not be closed cleanly", self.id);
+            }
+        }
+    }
+
     /// The owner of a queue that is about to be created.
     pub fn place_queue(&self, requester: ConnectionRef) -> ShardId {
         match self.placement {

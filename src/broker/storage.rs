@@ -176,7 +176,7 @@ impl SegmentedWal {
                     }
                 }
             }
-            WalEntry::Delivered { .. } => {}
+            WalEntry::Delivered { .. } | WalEntry::CleanShutdown => {}
         }
     }
 

@@ -370,6 +370,7 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         Duration::from_millis(config.runtime.shutdown_grace_ms),
     )
     .await;
+    broker.close_storage().await;
     let counters = broker.counters();
     info!(
         "{shard}: mesh traffic: {} messages in {} batches sent, {} publishes and {} deliveries \
