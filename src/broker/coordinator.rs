@@ -142,9 +142,20 @@ impl Coordinator {
 
     /// Logs `op` if it concerns durable entities (and waits for the disk), then applies it on
     /// this shard and on every other, and waits until all have.
-    async fn apply_everywhere(&self, shard: &Rc<ShardBroker>, vhost: &ShortStr, op: MetaOp) {
+    /// Fail-stop: if the metadata log cannot record the change, it is not applied and the
+    /// client's connection is closed with 541 INTERNAL_ERROR.
+    async fn apply_everywhere(
+        &self,
+        shard: &Rc<ShardBroker>,
+        vhost: &ShortStr,
+        op: MetaOp,
+    ) -> Result<(), AmqpError> {
         if !shard.log_meta(vhost, &op).await {
-            log::error!("metadata log failed: '{vhost}' change applied in memory only");
+            log::error!("metadata log failed: refusing metadata changes in vhost '{vhost}'");
+            return Err(AmqpError::connection(
+                ReplyCode::InternalError,
+                "the metadata log cannot be written",
+            ));
         }
         shard.apply_meta(vhost, &op);
         let replies: Vec<_> = (0..shard.shard_count())
@@ -158,6 +169,7 @@ impl Coordinator {
         for reply in replies {
             let _ = reply.await;
         }
+        Ok(())
     }
 
     fn generate_queue_name(&self, routing: &VhostRouting) -> ShortStr {
@@ -223,7 +235,7 @@ impl Coordinator {
                     ));
                 }
                 self.apply_everywhere(shard, vhost, MetaOp::DeleteExchange { name: name.clone() })
-                    .await;
+                    .await?;
                 Ok(MetaOutcome::Done)
             }
             MetaRequest::Bind(binding) => self.bind(shard, vhost, requester, binding, true).await,
@@ -319,7 +331,7 @@ impl Coordinator {
                 };
                 debug!("queue '{name}' in vhost '{vhost}' placed on {owner}");
                 self.apply_everywhere(shard, vhost, MetaOp::DeclareQueue(def))
-                    .await;
+                    .await?;
                 Ok(MetaOutcome::Queue {
                     name,
                     owner,
@@ -438,7 +450,7 @@ impl Coordinator {
                     ));
                 }
                 self.apply_everywhere(shard, vhost, MetaOp::DeclareExchange(def.clone()))
-                    .await;
+                    .await?;
                 Ok(MetaOutcome::Done)
             }
         }
@@ -501,7 +513,7 @@ impl Coordinator {
             } else {
                 MetaOp::Unbind(binding.clone())
             };
-            self.apply_everywhere(shard, vhost, op).await;
+            self.apply_everywhere(shard, vhost, op).await?;
         }
         Ok(MetaOutcome::Done)
     }
@@ -539,7 +551,7 @@ impl Coordinator {
                 name: def.name.clone(),
             },
         )
-        .await;
+        .await?;
         Ok(message_count)
     }
 }
