@@ -1,0 +1,352 @@
+#!/usr/bin/env python3
+"""Benchmark shardmq against RabbitMQ on this machine, with the same load generator.
+
+One command (from the repository root):
+
+    python3 perf/compare.py            # full matrix, ~10 minutes
+    python3 perf/compare.py --quick    # shorter runs and a smaller backlog
+
+It builds shardmq and loadgen in release mode, installs Debian's rabbitmq-server if it is
+missing, starts both brokers on loopback ports with fresh data directories, runs every scenario
+against each (broker by broker, never both at once), and stops everything it started by PID.
+For every broker x scenario it records msg/s in and out, confirm rate, latency percentiles, the
+broker's CPU seconds per million messages (from /proc) and its peak RSS during the scenario,
+plus idle RSS after start-up. The report goes to perf/results/<date>-<time>/: report.md,
+results.csv, results.json and chart.png (matplotlib, installed into perf/.venv if missing).
+"""
+
+import argparse
+import csv
+import datetime
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAGE = os.sysconf("SC_PAGE_SIZE")
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def scenarios(duration, backlog):
+    d = str(duration)
+    return [
+        ("1p-1c-16B", ["--size", "16", "--duration", d]),
+        ("4x4-4q-1KiB", ["--producers", "4", "--consumers", "4", "--queues", "4", "--size", "1024", "--duration", d]),
+        ("persistent-1KiB-confirm1000", ["--persistent", "--confirm", "1000", "--size", "1024", "--duration", d]),
+        ("fanout-1to8-256B", ["--exchange", "fanout", "--queues", "8", "--consumers", "8", "--size", "256", "--duration", d]),
+        ("fixed-5000ps-256B", ["--rate", "5000", "--size", "256", "--duration", d]),
+        ("1000-connections", ["--idle-connections", "1000", "--rate", "1000", "--size", "256", "--duration", d]),
+        ("backlog-publish-1KiB", ["--consumers", "0", "--messages", str(backlog), "--confirm", "1000", "--size", "1024", "--duration", "600"]),
+        ("backlog-drain-1KiB", ["--producers", "0", "--consume-limit", str(backlog), "--multi-ack", "100", "--prefetch", "1000", "--size", "1024", "--duration", "600"]),
+    ]
+
+
+def wait_port(port, seconds):
+    deadline = time.time() + seconds
+    while time.time() < deadline:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return True
+        except OSError:
+            time.sleep(0.2)
+    return False
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def descendants(pid):
+    """pid and all its descendants, from /proc."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parent = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(parent, []).append(int(entry))
+        except (OSError, IndexError, ValueError):
+            pass
+    found, stack = [], [pid]
+    while stack:
+        current = stack.pop()
+        found.append(current)
+        stack.extend(children.get(current, []))
+    return found
+
+
+def cpu_seconds(pids):
+    total = 0.0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def rss_bytes(pids):
+    total = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                total += int(f.read().split()[1]) * PAGE
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def epmd_pids(epmd_port):
+    """The epmd daemons started with ERL_EPMD_PORT=epmd_port (they detach from their parent)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if b"epmd" not in f.read():
+                    continue
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if f"ERL_EPMD_PORT={epmd_port}".encode() in f.read().split(b"\0"):
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+class Broker:
+    def __init__(self, name, command, env, port, workdir):
+        self.name, self.port, self.workdir = name, port, workdir
+        self.epmd_port = env.get("ERL_EPMD_PORT") if name == "rabbitmq" else None
+        self.log = open(os.path.join(workdir, f"{name}.log"), "w")
+        self.process = subprocess.Popen(command, env=env, cwd=workdir, stdout=self.log,
+                                        stderr=subprocess.STDOUT, start_new_session=True)
+        if not wait_port(port, 60):
+            self.stop()
+            raise SystemExit(f"{name} did not start; see {self.log.name}")
+        time.sleep(1)
+
+    def pids(self):
+        return descendants(self.process.pid)
+
+    def stop(self):
+        pids = self.pids()
+        for pid in reversed(pids):
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except OSError:
+                pass
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            for pid in pids:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+        if self.epmd_port:
+            for pid in epmd_pids(self.epmd_port):
+                try:
+                    os.kill(pid, signal.SIGTERM)
+                except OSError:
+                    pass
+        self.log.close()
+
+
+def start_shardmq(workdir):
+    port = free_port()
+    binary = os.path.join(ROOT, "target", "release", "shardmq")
+    data = os.path.join(workdir, "shardmq-data")
+    return Broker("shardmq", [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+                              "--log-level", "warn"], dict(os.environ), port, workdir)
+
+
+def ensure_rabbitmq():
+    server = "/usr/lib/rabbitmq/bin/rabbitmq-server"
+    if not os.path.exists(server):
+        print("installing rabbitmq-server from Debian's packages ...", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "rabbitmq-server"], check=True, env=env)
+    version = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", "rabbitmq-server"],
+                             capture_output=True, text=True).stdout.strip()
+    return server, version
+
+
+def start_rabbitmq(workdir, server):
+    port = free_port()
+    base = os.path.join(workdir, "rabbitmq")
+    os.makedirs(base, exist_ok=True)
+    os.chmod(workdir, 0o777)
+    os.chmod(base, 0o777)
+    env = dict(os.environ,
+               RABBITMQ_NODE_PORT=str(port), RABBITMQ_NODE_IP_ADDRESS="127.0.0.1",
+               RABBITMQ_NODENAME=f"perf{port}@localhost", RABBITMQ_DIST_PORT=str(free_port()),
+               ERL_EPMD_PORT=str(free_port()), RABBITMQ_MNESIA_BASE=os.path.join(base, "mnesia"),
+               RABBITMQ_LOG_BASE=os.path.join(base, "log"),
+               RABBITMQ_ENABLED_PLUGINS_FILE=os.path.join(base, "plugins"),
+               RABBITMQ_CONFIG_FILE=os.path.join(base, "rabbitmq"))
+    return Broker("rabbitmq", [server], env, port, workdir)
+
+
+def run_scenario(broker, name, args):
+    loadgen = os.path.join(ROOT, "target", "release", "loadgen")
+    pids = broker.pids()
+    cpu_before = cpu_seconds(pids)
+    peak = [rss_bytes(pids)]
+    done = threading.Event()
+
+    def sample():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_bytes(pids))
+            time.sleep(0.1)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    # The two backlog halves share their queue; every other scenario gets its own.
+    prefix = "perf-backlog" if name.startswith("backlog") else f"perf-{name}"
+    command = [loadgen, "--port", str(broker.port), "--json", "--label", f"{broker.name}/{name}",
+               "--queue-prefix", prefix] + args
+    completed = subprocess.run(command, capture_output=True, text=True)
+    done.set()
+    sampler.join()
+    cpu = cpu_seconds(broker.pids()) - cpu_before
+    lines = [l for l in completed.stdout.splitlines() if l.startswith("{")]
+    result = json.loads(lines[-1]) if lines else {"errors": 1}
+    messages = max(result.get("received", 0), result.get("sent", 0))
+    result.update(broker=broker.name, scenario=name, broker_cpu_seconds=round(cpu, 3),
+                  broker_cpu_seconds_per_million=round(cpu / messages * 1e6, 2) if messages else None,
+                  broker_peak_rss_mib=round(peak[0] / 2**20, 1),
+                  loadgen_stderr=completed.stderr.strip()[-500:])
+    print(f"  {broker.name:9} {name:28} in {result.get('send_rate', 0):>10.0f}/s "
+          f"out {result.get('receive_rate', 0):>10.0f}/s p99 {result.get('latency_us', {}).get('p99', 0):>10.0f} µs "
+          f"cpu/M {result['broker_cpu_seconds_per_million']} s peak {result['broker_peak_rss_mib']} MiB", flush=True)
+    return result
+
+
+def chart(results, path):
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        venv = os.path.join(ROOT, "perf", ".venv")
+        python = os.path.join(venv, "bin", "python3")
+        if not os.path.exists(python):
+            subprocess.run([sys.executable, "-m", "venv", venv], check=True)
+        subprocess.run([python, "-m", "pip", "install", "-q", "matplotlib"], check=True)
+        subprocess.run([python, __file__, "--chart-only", path.replace("chart.png", "results.json")], check=True)
+        return
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = [s for s in dict.fromkeys(r["scenario"] for r in results)]
+    brokers = [b for b in dict.fromkeys(r["broker"] for r in results)]
+    figure, (rates, latency) = plt.subplots(2, 1, figsize=(12, 9))
+    width = 0.8 / len(brokers)
+    for i, broker in enumerate(brokers):
+        values = {r["scenario"]: r for r in results if r["broker"] == broker}
+        xs = [n + i * width for n in range(len(names))]
+        rates.bar(xs, [values.get(s, {}).get("receive_rate", 0) or values.get(s, {}).get("send_rate", 0) for s in names], width, label=broker)
+        latency.bar(xs, [values.get(s, {}).get("latency_us", {}).get("p99", 0) / 1000 for s in names], width, label=broker)
+    for axis, title in ((rates, "messages/s (out, or in when nothing is consumed)"), (latency, "p99 latency (ms)")):
+        axis.set_title(title)
+        axis.set_xticks([n + width * (len(brokers) - 1) / 2 for n in range(len(names))])
+        axis.set_xticklabels(names, rotation=20, ha="right", fontsize=8)
+        axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="5 s scenarios and a 100,000-message backlog")
+    parser.add_argument("--brokers", default="shardmq,rabbitmq")
+    parser.add_argument("--chart-only", help=argparse.SUPPRESS)
+    options = parser.parse_args()
+    if options.chart_only:
+        with open(options.chart_only) as f:
+            chart(json.load(f)["results"], options.chart_only.replace("results.json", "chart.png"))
+        return
+    duration, backlog = (5, 100_000) if options.quick else (15, 1_000_000)
+    subprocess.run(["cargo", "build", "--release", "-q", "-p", "shardmq", "-p", "shardmq-perf"], cwd=ROOT, check=True)
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    out = os.path.join(ROOT, "perf", "results", stamp)
+    os.makedirs(out, exist_ok=True)
+    machine = {
+        "date": datetime.datetime.now().isoformat(timespec="seconds"),
+        "kernel": platform.release(),
+        "cpus": os.cpu_count(),
+        "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
+        "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "shardmq": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
+    }
+    results = []
+    with tempfile.TemporaryDirectory() as workdir:
+        for name in options.brokers.split(","):
+            if name == "rabbitmq":
+                server, version = ensure_rabbitmq()
+                machine["rabbitmq"] = version
+                broker = start_rabbitmq(workdir, server)
+            else:
+                broker = start_shardmq(workdir)
+            try:
+                idle = rss_bytes(broker.pids())
+                print(f"{name}: idle RSS {idle / 2**20:.1f} MiB", flush=True)
+                for scenario, args in scenarios(duration, backlog):
+                    result = run_scenario(broker, scenario, args)
+                    result["broker_idle_rss_mib"] = round(idle / 2**20, 1)
+                    results.append(result)
+            finally:
+                broker.stop()
+    with open(os.path.join(out, "results.json"), "w") as f:
+        json.dump({"machine": machine, "results": results}, f, indent=2)
+    fields = ["broker", "scenario", "send_rate", "receive_rate", "confirm_rate", "p50_us", "p99_us", "p999_us",
+              "max_us", "errors", "broker_cpu_seconds_per_million", "broker_peak_rss_mib", "broker_idle_rss_mib",
+              "loadgen_cpu_seconds", "seconds"]
+    with open(os.path.join(out, "results.csv"), "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            latency = r.get("latency_us", {})
+            writer.writerow(dict(r, p50_us=latency.get("p50"), p99_us=latency.get("p99"),
+                                 p999_us=latency.get("p999"), max_us=latency.get("max")))
+    with open(os.path.join(out, "report.md"), "w") as f:
+        f.write(f"# shardmq vs RabbitMQ, {machine['date']}\n\n")
+        f.write("Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "date") + "\n\n")
+        f.write("Command: `python3 perf/compare.py" + (" --quick" if options.quick else "") + "`\n\n")
+        f.write("| broker | scenario | in msg/s | out msg/s | confirms/s | p50 µs | p99 µs | p99.9 µs | CPU s per M msgs | peak RSS MiB | idle RSS MiB | errors |\n")
+        f.write("|---|---|---|---|---|---|---|---|---|---|---|---|\n")
+        for r in results:
+            latency = r.get("latency_us", {})
+            f.write(f"| {r['broker']} | {r['scenario']} | {r.get('send_rate', 0):.0f} | {r.get('receive_rate', 0):.0f} | "
+                    f"{r.get('confirm_rate', 0):.0f} | {latency.get('p50', 0):.0f} | {latency.get('p99', 0):.0f} | "
+                    f"{latency.get('p999', 0):.0f} | {r.get('broker_cpu_seconds_per_million')} | "
+                    f"{r.get('broker_peak_rss_mib')} | {r.get('broker_idle_rss_mib')} | {r.get('errors')} |\n")
+        f.write("\n## Fairness\n\n"
+                "- Both brokers run alone on the same machine, one after the other, driven by the same "
+                "generator (loadgen, on amqprs) with the same options; the generator shares the machine's "
+                "cores with the broker, and on a 2-core machine it is itself a limit (see loadgen_cpu_seconds).\n"
+                "- RabbitMQ runs Debian's package with default settings (classic queues). Its classic queues "
+                "confirm persistent messages before they are fsynced to disk; shardmq confirms only after "
+                "fdatasync. The persistent scenario is therefore harder for shardmq.\n"
+                "- The backlog scenario publishes transient messages; shardmq keeps them in memory (it does "
+                "not page to disk yet), RabbitMQ pages them out under memory pressure.\n")
+    chart(results, os.path.join(out, "chart.png"))
+    print(f"report: {out}/report.md")
+
+
+if __name__ == "__main__":
+    main()
