@@ -326,22 +326,14 @@ impl Session {
                 self.reply(channel, m.no_wait, ExchangeDeleteOk {});
             }
             Method::ExchangeBind(m) => {
-                let binding = BindingDef {
-                    source: m.source.clone(),
-                    destination: Destination::Exchange(m.destination.clone()),
-                    routing_key: m.routing_key.clone(),
-                    arguments: m.arguments.clone(),
-                };
+                let binding =
+                    exchange_binding(&m.source, &m.destination, &m.routing_key, &m.arguments);
                 self.meta(&vhost, MetaRequest::Bind(binding)).await?;
                 self.reply(channel, m.no_wait, ExchangeBindOk {});
             }
             Method::ExchangeUnbind(m) => {
-                let binding = BindingDef {
-                    source: m.source.clone(),
-                    destination: Destination::Exchange(m.destination.clone()),
-                    routing_key: m.routing_key.clone(),
-                    arguments: m.arguments.clone(),
-                };
+                let binding =
+                    exchange_binding(&m.source, &m.destination, &m.routing_key, &m.arguments);
                 self.meta(&vhost, MetaRequest::Unbind(binding)).await?;
                 self.reply(channel, m.no_wait, ExchangeUnbindOk {});
             }
@@ -1330,6 +1322,20 @@ impl Session {
         for ack in acks.into_iter().flatten() {
             self.send(channel, ack);
         }
+    }
+}
+
+fn exchange_binding(
+    source: &ShortStr,
+    destination: &ShortStr,
+    routing_key: &ShortStr,
+    arguments: &crate::codec::FieldTable,
+) -> BindingDef {
+    BindingDef {
+        source: source.clone(),
+        destination: Destination::Exchange(destination.clone()),
+        routing_key: routing_key.clone(),
+        arguments: arguments.clone(),
     }
 }
 

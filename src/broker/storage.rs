@@ -43,6 +43,20 @@ struct Segment {
     enqueued_count: u64,
 }
 
+impl Segment {
+    fn new(generation: u64, path: PathBuf, writer: Rc<LogWriter>) -> Segment {
+        Segment {
+            generation,
+            path,
+            writer,
+            bytes: 0,
+            live: HashMap::default(),
+            live_count: 0,
+            enqueued_count: 0,
+        }
+    }
+}
+
 pub struct SegmentedWal {
     dir: PathBuf,
     segment_bytes_max: u64,
@@ -92,15 +106,7 @@ impl SegmentedWal {
         let path = segment_path(dir, generation);
         let writer = LogWriter::create(&path).await?;
         let mut segments = VecDeque::new();
-        segments.push_back(Segment {
-            generation,
-            path,
-            writer,
-            bytes: 0,
-            live: HashMap::default(),
-            live_count: 0,
-            enqueued_count: 0,
-        });
+        segments.push_back(Segment::new(generation, path, writer));
         Ok(Rc::new(SegmentedWal {
             dir: dir.to_path_buf(),
             segment_bytes_max,
@@ -202,15 +208,9 @@ impl SegmentedWal {
         if active_bytes >= self.segment_bytes_max {
             if let Some((generation, path, writer)) = self.spare.borrow_mut().take() {
                 debug!("log rolls to {}", path.display());
-                self.segments.borrow_mut().push_back(Segment {
-                    generation,
-                    path,
-                    writer,
-                    bytes: 0,
-                    live: HashMap::default(),
-                    live_count: 0,
-                    enqueued_count: 0,
-                });
+                self.segments
+                    .borrow_mut()
+                    .push_back(Segment::new(generation, path, writer));
             }
         }
     }
