@@ -1,0 +1,217 @@
+#!/usr/bin/env python3
+"""Scenarios driven by Python's pika, a client from another ecosystem, against a real shardmq.
+
+Run from the repository root (.ci/run does): `python3 tests/clients/pika_scenarios.py`. It
+installs pika into target/client-venv if needed, starts target/debug/shardmq on a free loopback
+port with a temporary data directory (2 shards, queues spread over both), runs every scenario,
+stops the broker by PID, and prints one line per scenario and a closing "N passed, N failed".
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+VENV = os.path.join(ROOT, "target", "client-venv")
+
+
+def ensure_pika():
+    python = os.path.join(VENV, "bin", "python3")
+    if not os.path.exists(python):
+        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
+    check = subprocess.run([python, "-c", "import pika"], capture_output=True)
+    if check.returncode != 0:
+        subprocess.run([python, "-m", "pip", "install", "-q", "pika==1.3.2"], check=True)
+    return python
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_broker(data_dir):
+    binary = os.path.join(ROOT, "target", "debug", "shardmq")
+    if not os.path.exists(binary):
+        subprocess.run(["cargo", "build", "-q", "--bin", "shardmq"], cwd=ROOT, check=True)
+    config = os.path.join(data_dir, "config.toml")
+    with open(config, "w") as f:
+        f.write('[queues]\nplacement = "balanced"\n')
+    port = free_port()
+    process = subprocess.Popen(
+        [binary, "--config", config, "--listen", f"127.0.0.1:{port}", "--shards", "2",
+         "--data-dir", os.path.join(data_dir, "data"), "--log-level", "warn"],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "broker.log"), "w"))
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            return process, port
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise SystemExit("shardmq did not start")
+
+
+def scenarios(pika, port):
+    params = pika.ConnectionParameters(host="127.0.0.1", port=port,
+                                       credentials=pika.PlainCredentials("guest", "guest"),
+                                       blocked_connection_timeout=10)
+
+    def connect():
+        return pika.BlockingConnection(params)
+
+    def declare_bind_publish_get():
+        with connect() as c:
+            ch = c.channel()
+            ch.exchange_declare("py.topic", exchange_type="topic")
+            q = ch.queue_declare("py.q1").method.queue
+            ch.queue_bind(q, "py.topic", routing_key="a.*")
+            ch.basic_publish("py.topic", "a.b", b"hello",
+                             pika.BasicProperties(content_type="text/plain", headers={"k": 1}))
+            for _ in range(50):
+                method, props, body = ch.basic_get(q, auto_ack=True)
+                if method:
+                    break
+                time.sleep(0.02)
+            assert body == b"hello", body
+            assert props.content_type == "text/plain" and props.headers == {"k": 1}, props
+
+    def publisher_confirms():
+        with connect() as c:
+            ch = c.channel()
+            ch.confirm_delivery()
+            ch.queue_declare("py.confirm", durable=True)
+            for i in range(200):
+                ch.basic_publish("", "py.confirm", str(i).encode(),
+                                 pika.BasicProperties(delivery_mode=2), mandatory=True)
+            assert ch.queue_declare("py.confirm", passive=True).method.message_count == 200
+
+    def consume_with_acks_and_prefetch():
+        with connect() as c:
+            ch = c.channel()
+            ch.queue_declare("py.work")
+            for i in range(30):
+                ch.basic_publish("", "py.work", str(i).encode())
+            ch.basic_qos(prefetch_count=5)
+            received = []
+            for method, _, body in ch.consume("py.work", inactivity_timeout=2):
+                if method is None:
+                    break
+                received.append(int(body))
+                ch.basic_ack(method.delivery_tag)
+                if len(received) == 30:
+                    break
+            ch.cancel()
+            assert received == list(range(30)), received
+
+    def nack_requeue_redelivers():
+        with connect() as c:
+            ch = c.channel()
+            ch.queue_declare("py.nack")
+            ch.basic_publish("", "py.nack", b"again")
+            time.sleep(0.1)
+            method, _, _ = ch.basic_get("py.nack")
+            ch.basic_nack(method.delivery_tag, requeue=True)
+            method, _, body = ch.basic_get("py.nack", auto_ack=True)
+            assert body == b"again" and method.redelivered
+
+    def transactions():
+        with connect() as c:
+            ch = c.channel()
+            ch.queue_declare("py.tx")
+            ch.tx_select()
+            ch.basic_publish("", "py.tx", b"dropped")
+            ch.tx_rollback()
+            ch.basic_publish("", "py.tx", b"kept")
+            ch.tx_commit()
+            assert ch.queue_declare("py.tx", passive=True).method.message_count == 1
+
+    def exclusive_queue_is_locked():
+        with connect() as owner, connect() as other:
+            q = owner.channel().queue_declare("", exclusive=True).method.queue
+            assert q.startswith("amq.gen-"), q
+            try:
+                other.channel().basic_consume(q, lambda *a: None)
+                raise AssertionError("consume on another connection's exclusive queue succeeded")
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 405, e
+
+    def mandatory_return():
+        with connect() as c:
+            ch = c.channel()
+            ch.confirm_delivery()
+            try:
+                ch.basic_publish("amq.direct", "nowhere", b"x", mandatory=True)
+                raise AssertionError("an unroutable mandatory publish was not returned")
+            except pika.exceptions.UnroutableError:
+                pass
+
+    def large_message():
+        body = os.urandom(10 * 1024 * 1024)
+        with connect() as c:
+            ch = c.channel()
+            ch.queue_declare("py.large")
+            ch.basic_publish("", "py.large", body)
+            for _ in range(100):
+                method, _, got = ch.basic_get("py.large", auto_ack=True)
+                if method:
+                    break
+                time.sleep(0.05)
+            assert got == body, "10 MiB body differs"
+
+    def errors_close_the_channel_with_codes():
+        with connect() as c:
+            try:
+                c.channel().queue_declare("py.missing", passive=True)
+                raise AssertionError("passive declare of a missing queue succeeded")
+            except pika.exceptions.ChannelClosedByBroker as e:
+                assert e.reply_code == 404, e
+            ch = c.channel()
+            ch.queue_declare("py.ok")
+            assert ch.is_open
+
+    return [declare_bind_publish_get, publisher_confirms, consume_with_acks_and_prefetch,
+            nack_requeue_redelivers, transactions, exclusive_queue_is_locked, mandatory_return,
+            large_message, errors_close_the_channel_with_codes]
+
+
+def main():
+    if os.environ.get("SHARDMQ_PIKA_CHILD") != "1":
+        python = ensure_pika()
+        env = dict(os.environ, SHARDMQ_PIKA_CHILD="1")
+        sys.exit(subprocess.run([python, __file__], env=env).returncode)
+    import pika
+    passed = failed = 0
+    with tempfile.TemporaryDirectory() as data_dir:
+        process, port = start_broker(data_dir)
+        try:
+            for scenario in scenarios(pika, port):
+                try:
+                    scenario()
+                    passed += 1
+                    print(f"pika {scenario.__name__} ... ok", flush=True)
+                except Exception:
+                    failed += 1
+                    print(f"pika {scenario.__name__} ... FAILED", flush=True)
+                    traceback.print_exc()
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            if failed:
+                with open(os.path.join(data_dir, "broker.log")) as log:
+                    print(log.read()[-4000:])
+    print(f"{passed} passed, {failed} failed")
+    sys.exit(1 if failed else 0)
+
+
+if __name__ == "__main__":
+    main()
