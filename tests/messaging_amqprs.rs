@@ -829,3 +829,51 @@ async fn channel_flow_off_holds_deliveries_until_it_is_on() {
     .collect();
     assert_eq!(bodies, vec!["0", "1", "2"]);
 }
+
+#[tokio::test]
+async fn per_consumer_and_channel_prefetch_apply_together() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_pc, publisher, _) = open_channel(&broker).await;
+    let (_cc, consumer, _) = open_channel(&broker).await;
+    for queue in ["both-1", "both-2", "both-3"] {
+        declare(&publisher, queue).await;
+        for i in 0..10 {
+            publish(&publisher, "", queue, format!("{queue}-{i}").as_bytes()).await;
+        }
+    }
+    // Channel-wide 5, each consumer 2: three consumers hold 2 + 2 + 1.
+    consumer
+        .basic_qos(BasicQosArguments::new(0, 5, true))
+        .await
+        .unwrap();
+    consumer
+        .basic_qos(BasicQosArguments::new(0, 2, false))
+        .await
+        .unwrap();
+    let mut receivers = Vec::new();
+    for queue in ["both-1", "both-2", "both-3"] {
+        let (_, rx) = consumer
+            .basic_consume_rx(BasicConsumeArguments::new(queue, queue))
+            .await
+            .unwrap();
+        receivers.push(rx);
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let mut per_consumer = Vec::new();
+    for rx in &mut receivers {
+        let mut count = 0;
+        while rx.try_recv().is_ok() {
+            count += 1;
+        }
+        per_consumer.push(count);
+    }
+    assert!(
+        per_consumer.iter().all(|n| *n <= 2),
+        "per consumer: {per_consumer:?}"
+    );
+    assert_eq!(
+        per_consumer.iter().sum::<usize>(),
+        5,
+        "channel-wide: {per_consumer:?}"
+    );
+}

@@ -63,6 +63,10 @@ struct ConsumerState {
     window_owed: u32,
     /// Shared-mode credit granted and not yet used by a delivery.
     outstanding: u32,
+    /// Shared mode: the consumer's own limit (basic.qos global=false set too), and its
+    /// deliveries not settled yet.
+    cap: Option<u32>,
+    own_unacked: u32,
     /// consume-ok has been written; until then deliveries wait in `early`.
     confirmed: bool,
     early: Vec<IncomingDelivery>,
@@ -469,13 +473,16 @@ impl Session {
                 }
                 let (prefetch, global) =
                     self.with_channel(channel, |c| (c.prefetch_count, c.global_prefetch));
-                // A per-consumer limit wins, then the channel's shared one; none means a window.
+                // Both limits, as RabbitMQ applies them: with a channel-wide one the consumer
+                // draws from the channel's pool, capped by its own; with only its own it holds
+                // that credit; with neither it gets a window.
+                let cap = (prefetch > 0).then_some(u32::from(prefetch));
                 let (mode, initial_credit) = if m.no_ack {
                     (CreditMode::Window, self.consumer_window)
-                } else if prefetch > 0 {
-                    (CreditMode::Prefetch, u32::from(prefetch))
                 } else if global > 0 {
                     (CreditMode::Shared, 0)
+                } else if prefetch > 0 {
+                    (CreditMode::Prefetch, u32::from(prefetch))
                 } else {
                     (CreditMode::Window, self.consumer_window)
                 };
@@ -504,6 +511,8 @@ impl Session {
                             mode,
                             window_owed: 0,
                             outstanding: 0,
+                            cap,
+                            own_unacked: 0,
                             confirmed: false,
                             early: Vec::new(),
                         },
@@ -1096,11 +1105,14 @@ impl Session {
         }
         let mut shared_released = 0;
         {
-            let state = self.state.borrow();
+            let mut state = self.state.borrow_mut();
             for (id, amount) in credit {
-                let Some(consumer) = state.consumers.get(&id) else {
+                let Some(consumer) = state.consumers.get_mut(&id) else {
                     continue;
                 };
+                if consumer.mode == CreditMode::Shared {
+                    consumer.own_unacked = consumer.own_unacked.saturating_sub(amount);
+                }
                 match consumer.mode {
                     CreditMode::Prefetch => self.shard.post(
                         consumer.owner,
@@ -1123,28 +1135,29 @@ impl Session {
         }
     }
 
-    /// Grants shared-pool credit to consumers that asked while the pool was empty.
+    /// Grants shared-pool credit to consumers that asked while none could be given. Each is
+    /// tried once; those still without room wait again.
     fn serve_waiting(&self, channel: u16) {
-        loop {
-            let next = self.with_channel(channel, |c| {
-                if c.waiting.is_empty() || c.shared_available() == 0 {
-                    None
-                } else {
-                    Some(c.waiting.remove(0))
-                }
-            });
-            let Some((consumer, ready)) = next else {
-                return;
-            };
+        let waiting = self.with_channel(channel, |c| std::mem::take(&mut c.waiting));
+        for (consumer, ready) in waiting {
             self.grant_shared(channel, consumer, ready);
         }
     }
 
-    /// Gives a shared-mode consumer what the pool allows of what it asked for; with the pool
-    /// empty it waits for the next settlement.
+    /// Gives a shared-mode consumer what the pool and its own limit allow of what it asked
+    /// for; with no room it waits for the next settlement.
     fn grant_shared(&self, channel: u16, consumer: u64, ready: u32) {
+        let room = {
+            let state = self.state.borrow();
+            let Some(c) = state.consumers.get(&consumer) else {
+                return;
+            };
+            c.cap.map_or(u32::MAX, |cap| {
+                cap.saturating_sub(c.own_unacked + c.outstanding)
+            })
+        };
         let grant = self.with_channel(channel, |c| {
-            let grant = c.shared_available().min(ready);
+            let grant = c.shared_available().min(ready).min(room);
             if grant == 0 {
                 if !c.waiting.iter().any(|(id, _)| *id == consumer) {
                     c.waiting.push((consumer, ready));
@@ -1363,6 +1376,7 @@ impl ConnectionPort for Session {
             }
             if consumer.mode == CreditMode::Shared {
                 consumer.outstanding = consumer.outstanding.saturating_sub(1);
+                consumer.own_unacked += 1;
             }
             (
                 consumer.channel,
