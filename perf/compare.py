@@ -218,8 +218,11 @@ def run_scenario(broker, name, args):
     sampler.start()
     # The two backlog halves share their queue; every other scenario gets its own.
     prefix = "perf-backlog" if name.startswith("backlog") else f"perf-{name}"
+    # Delete each scenario's queues at its end (the backlog's only after it is drained), so that
+    # peak RSS belongs to the scenario, not to what earlier ones left behind.
+    cleanup = [] if name == "backlog-publish-1KiB" else ["--cleanup"]
     command = [loadgen, "--port", str(broker.port), "--json", "--label", f"{broker.name}/{name}",
-               "--queue-prefix", prefix] + args
+               "--queue-prefix", prefix] + cleanup + args
     completed = subprocess.run(command, capture_output=True, text=True)
     done.set()
     sampler.join()
@@ -343,7 +346,9 @@ def main():
                 "confirm persistent messages before they are fsynced to disk; shardmq confirms only after "
                 "fdatasync. The persistent scenario is therefore harder for shardmq.\n"
                 "- The backlog scenario publishes transient messages; shardmq keeps them in memory (it does "
-                "not page to disk yet), RabbitMQ pages them out under memory pressure.\n")
+                "not page to disk yet), RabbitMQ pages them out under memory pressure.\n"
+                "- Each scenario deletes its queues at its end; peak RSS is the highest sampled during the "
+                "scenario, so memory a broker kept after earlier scenarios counts too.\n")
     chart(results, os.path.join(out, "chart.png"))
     print(f"report: {out}/report.md")
 

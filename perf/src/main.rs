@@ -15,8 +15,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use amqprs::callbacks::ChannelCallback;
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConfirmSelectArguments, ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
-    QueuePurgeArguments,
+    ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
+    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
 };
 use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
@@ -160,6 +160,30 @@ async fn declare_topology(options: &Options) -> Result<(), String> {
                 .await
                 .map_err(|e| e.to_string())?;
         }
+    }
+    let _ = channel.close().await;
+    let _ = connection.close().await;
+    Ok(())
+}
+
+/// Deletes what `declare_topology` created, so the next run starts from an empty broker.
+async fn delete_topology(options: &Options) -> Result<(), String> {
+    let connection = connect(options, "loadgen-cleanup").await?;
+    let channel = connection
+        .open_channel(None)
+        .await
+        .map_err(|e| e.to_string())?;
+    for index in 0..options.queues {
+        channel
+            .queue_delete(QueueDeleteArguments::new(&queue_name(options, index)))
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    if options.exchange == ExchangeKind::Fanout {
+        channel
+            .exchange_delete(ExchangeDeleteArguments::new("loadgen.fanout"))
+            .await
+            .map_err(|e| e.to_string())?;
     }
     let _ = channel.close().await;
     let _ = connection.close().await;
@@ -413,6 +437,12 @@ async fn run(options: Arc<Options>) -> i32 {
     }
     drop(idle);
     let cpu = cpu_seconds() - cpu_before;
+    if options.cleanup {
+        if let Err(e) = delete_topology(&options).await {
+            eprintln!("loadgen: cleanup: {e}");
+            counters.errors.fetch_add(1, Ordering::Relaxed);
+        }
+    }
     let sent = counters.sent.load(Ordering::Relaxed);
     let received = counters.received.load(Ordering::Relaxed);
     let confirmed = counters.confirmed.load(Ordering::Relaxed);

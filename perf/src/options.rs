@@ -26,6 +26,7 @@ USAGE: loadgen [OPTIONS]
   --messages N             stop each producer after N messages
   --consume-limit N        stop when consumers received N messages in total
   --purge                  purge the queues before starting
+  --cleanup                delete the queues (and the fanout exchange) at the end
   --threads N              client runtime threads (2)
   --label NAME             label in the output (run)
   --json                   also print one JSON line
@@ -63,6 +64,7 @@ pub struct Options {
     pub messages: Option<u64>,
     pub consume_limit: Option<u64>,
     pub purge: bool,
+    pub cleanup: bool,
     pub threads: usize,
     pub label: String,
     pub json: bool,
@@ -93,6 +95,7 @@ impl Default for Options {
             messages: None,
             consume_limit: None,
             purge: false,
+            cleanup: false,
             threads: 2,
             label: "run".into(),
             json: false,
@@ -149,6 +152,7 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> 
             "--messages" => options.messages = Some(number(&flag, value())?),
             "--consume-limit" => options.consume_limit = Some(number(&flag, value())?),
             "--purge" => options.purge = true,
+            "--cleanup" => options.cleanup = true,
             "--threads" => options.threads = number::<usize>(&flag, value())?.max(1),
             "--label" => options.label = value().ok_or("--label needs a value")?,
             "--json" => options.json = true,
