@@ -218,12 +218,11 @@ impl Session {
     }
 
     /// Raises `error` on `channel`, naming `cause`; cleans up the channel for a channel error.
-    fn raise(&self, channel: u16, error: AmqpError, cause: &Method) {
-        let error = if error.class_id == 0 {
-            error.caused_by(cause)
-        } else {
-            error
-        };
+    /// `cause` is the (class id, method id) of the method that failed.
+    fn raise(&self, channel: u16, mut error: AmqpError, cause: (u16, u16)) {
+        if error.class_id == 0 {
+            (error.class_id, error.method_id) = cause;
+        }
         let closes_channel = error.scope == crate::connection::error::Scope::Channel;
         self.machine.borrow_mut().raise(channel, error);
         self.write_wanted.notify();
@@ -247,7 +246,8 @@ impl Session {
     /// Carries out one method. Errors become channel or connection closes.
     pub async fn execute(self: &Rc<Self>, command: Command) {
         let channel = command.channel;
-        let cause = command.method.clone();
+        // The ids, not a clone of the method: this runs for every publish.
+        let cause = (command.method.class_id(), command.method.method_id());
         // Acks are fire-and-forget, but once a client sees the reply to a later method it may
         // count on them: before answering anything, make the settlements sent so far durable.
         let asynchronous = matches!(
@@ -261,7 +261,7 @@ impl Session {
             self.settlement_barrier().await;
         }
         if let Err(error) = self.run(command).await {
-            self.raise(channel, error, &cause);
+            self.raise(channel, error, cause);
         }
     }
 
@@ -269,6 +269,12 @@ impl Session {
     /// has it on disk.
     async fn settlement_barrier(self: &Rc<Self>) {
         let owners = std::mem::take(&mut *self.settled_owners.borrow_mut());
+        self.sync_owners(owners).await;
+    }
+
+    /// Waits until each of `owners` has everything this connection sent it on disk (all
+    /// barriers in flight at once).
+    async fn sync_owners(&self, owners: Vec<ShardId>) {
         let barriers: Vec<_> = owners
             .into_iter()
             .map(|owner| {
@@ -757,16 +763,7 @@ impl Session {
                     }
                 }
                 // commit-ok only once every owner has the published messages on disk.
-                let barriers: Vec<_> = owners
-                    .into_iter()
-                    .map(|owner| {
-                        self.shard
-                            .request(owner, |token| ShardMessage::SyncBarrier { token })
-                    })
-                    .collect();
-                for barrier in barriers {
-                    barrier.await;
-                }
+                self.sync_owners(owners).await;
                 self.send(channel, TxCommitOk {});
             }
             Method::TxRollback(_) => {
