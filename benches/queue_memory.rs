@@ -64,7 +64,7 @@ fn main() {
     let before = LIVE_BYTES.load(Ordering::Relaxed);
     let mut queue = Queue::new();
     for _ in 0..count {
-        queue.publish(message(&body));
+        queue.publish(message(&body), None);
     }
     let after = LIVE_BYTES.load(Ordering::Relaxed);
     let per_message = (after - before) as f64 / count as f64 - body.len() as f64;
@@ -84,7 +84,7 @@ fn main() {
     };
     let mut queue = Queue::new();
     support::measure("publish then get+ack one message", 1, || {
-        queue.publish(message(&body));
+        queue.publish(message(&body), None);
         let got = queue.get(holder, false).expect("a message");
         queue.ack(&[got.id], &mut Vec::new());
     });

@@ -50,6 +50,7 @@ pub enum QueuePlacement {
 pub struct QueuesConfig {
     pub placement: QueuePlacement,
     pub consumer_window_messages: u32,
+    pub memory_budget_bytes: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -1,7 +1,8 @@
 //! Crash tests: the broker is killed with SIGKILL while several producers publish persistent
 //! messages with confirms to durable queues on both shards. After every restart each confirmed
 //! message is present exactly once, in publish order; nothing appears twice. Several rounds on
-//! the same data directory, each killed at a different moment.
+//! the same data directory, each killed at a different moment. The memory budget is tiny, so most
+//! messages are paged out and come back from the log when read.
 
 mod common;
 
@@ -12,14 +13,14 @@ use amqprs::channel::{
     BasicGetArguments, BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{open_channel, Broker, BALANCED};
+use common::{open_channel, Broker, BALANCED_PAGING};
 
 const PRODUCERS: usize = 3;
 const ROUNDS: u64 = 4;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn confirmed_messages_survive_sigkill_exactly_once() {
-    let mut broker = Broker::start_with_config(BALANCED);
+    let mut broker = Broker::start_with_config(BALANCED_PAGING);
     for round in 0..ROUNDS {
         // Producers run until the kill.
         let mut recorders = Vec::new();
@@ -128,7 +129,7 @@ async fn acked_messages_stay_acked_across_sigkill() {
     use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
 
     const MESSAGES: u64 = 2000;
-    let mut broker = Broker::start_with_config(BALANCED);
+    let mut broker = Broker::start_with_config(BALANCED_PAGING);
     for round in 0..2u64 {
         let queue = format!("work-{round}");
         {

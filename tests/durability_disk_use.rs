@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::time::Duration;
 
 use amqprs::channel::{
@@ -12,23 +11,10 @@ use amqprs::channel::{
     ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{open_channel, Broker};
+use common::{log_bytes, open_channel, Broker};
 
 /// Small segments, so that a few megabytes roll through many of them.
 const CONFIG: &str = "[storage]\nsegment_bytes_max = 65536\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"balanced\"\n";
-
-fn log_bytes(data: &Path) -> u64 {
-    let mut total = 0;
-    for shard in std::fs::read_dir(data).unwrap().flatten() {
-        if !shard.file_name().to_string_lossy().starts_with("shard-") {
-            continue;
-        }
-        for file in std::fs::read_dir(shard.path()).unwrap().flatten() {
-            total += file.metadata().unwrap().len();
-        }
-    }
-    total
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn settled_segments_are_deleted_and_sparse_ones_compacted() {

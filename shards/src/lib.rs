@@ -18,7 +18,9 @@ pub mod wal;
 use std::fmt;
 
 pub use message::Message;
-pub use queue::{ChannelKey, ConsumerKey, Credit, Delivery, MessageId, Queue};
+pub use queue::{
+    ChannelKey, ConsumerKey, Credit, Delivery, Location, MemoryMeter, MessageId, Queue,
+};
 
 /// A shard's index: 0..shard_count, stable for the life of the process.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

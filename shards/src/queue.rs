@@ -15,16 +15,61 @@
 //! grants (prefetch) and re-grants as the client settles deliveries. The queue never delivers past
 //! the credit it was given, so the prefetch limit holds however far apart the two shards are.
 //!
+//! Paging: a ready message is either in memory (its body in the queue's slab) or paged out —
+//! only its place in the log (a [`Location`]) stays, 32 bytes per message. The shard pages out
+//! logged messages when its memory budget is exceeded and reads them back, in order, before
+//! they are delivered: dispatch and get stop at a paged message until it is filled in again.
+//!
 //! Invariants (checked by `check_invariants` in tests and debug builds):
 //! - `ready` is sorted by message id, and no id is both ready and unacked;
+//! - a ready entry's slot is either `PAGED` (and it has a location) or holds its body;
+//! - `memory_bytes` is the size of the ready messages in memory, and the meter holds the sum
+//!   over every queue that shares it;
 //! - every consumer key appears once.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
+use std::rc::Rc;
 
 use ahash::HashMap;
 
 use crate::message::Message;
 use crate::ShardId;
+
+/// Where a logged message's record lies: the log segment (its generation), the record's offset
+/// in that file and its length in bytes (header included).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Location {
+    pub segment: u32,
+    pub len: u32,
+    pub offset: u64,
+}
+
+impl Location {
+    /// The byte just past the record.
+    pub fn end(&self) -> u64 {
+        self.offset + u64::from(self.len)
+    }
+}
+
+/// Bytes of ready messages held in memory, summed over every queue of a shard (the pager's
+/// input). Shared by the queues; only the owning shard touches it.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryMeter(Rc<Cell<usize>>);
+
+impl MemoryMeter {
+    pub fn bytes(&self) -> usize {
+        self.0.get()
+    }
+
+    fn add(&self, bytes: usize) {
+        self.0.set(self.0.get() + bytes);
+    }
+
+    fn sub(&self, bytes: usize) {
+        self.0.set(self.0.get().saturating_sub(bytes));
+    }
+}
 
 pub type MessageId = u64;
 
@@ -77,25 +122,25 @@ pub struct Consumer {
     pub asked: bool,
 }
 
-/// A ready message: its id with the redelivered flag packed into the top bit (72 bytes per
-/// queued message instead of 80; ids never reach 2^63).
+/// A ready message, 32 bytes: its id with the redelivered flag packed into the top bit (ids
+/// never reach 2^63), its place in the log (`len == 0`: not logged), and the slab slot of its
+/// body (`PAGED`: not in memory).
 #[derive(Debug, Clone)]
 struct Ready {
     tagged_id: u64,
-    message: Message,
+    location: Location,
+    slot: u32,
 }
 
 const REDELIVERED_BIT: u64 = 1 << 63;
+const PAGED: u32 = u32::MAX;
+const NOT_LOGGED: Location = Location {
+    segment: 0,
+    len: 0,
+    offset: 0,
+};
 
 impl Ready {
-    fn new(id: MessageId, message: Message, redelivered: bool) -> Ready {
-        debug_assert!(id < REDELIVERED_BIT);
-        Ready {
-            tagged_id: id | if redelivered { REDELIVERED_BIT } else { 0 },
-            message,
-        }
-    }
-
     fn id(&self) -> MessageId {
         self.tagged_id & !REDELIVERED_BIT
     }
@@ -103,12 +148,31 @@ impl Ready {
     fn redelivered(&self) -> bool {
         self.tagged_id & REDELIVERED_BIT != 0
     }
+
+    fn is_paged(&self) -> bool {
+        self.slot == PAGED
+    }
+
+    fn location(&self) -> Option<Location> {
+        (self.location.len != 0).then_some(self.location)
+    }
 }
 
 #[derive(Debug, Clone)]
 struct Unacked {
     message: Message,
     holder: ChannelKey,
+    location: Option<Location>,
+}
+
+/// A message still in the queue, as compaction needs it.
+#[derive(Debug, Clone)]
+pub struct Found<'a> {
+    /// The body, unless it is paged out.
+    pub message: Option<&'a Message>,
+    pub location: Option<Location>,
+    /// Delivered before (unacked now, or requeued).
+    pub delivered: bool,
 }
 
 /// One message handed to a consumer.
@@ -143,7 +207,13 @@ pub enum ConsumeRefusal {
 #[derive(Debug, Default)]
 pub struct Queue {
     ready: VecDeque<Ready>,
-    ready_bytes: usize,
+    /// Bodies of ready messages in memory, indexed by `Ready::slot`; `free` lists empty slots.
+    slab: Vec<Option<Message>>,
+    free: Vec<u32>,
+    /// Bytes of the ready messages in memory (see `MemoryMeter`).
+    memory_bytes: usize,
+    paged_count: usize,
+    meter: MemoryMeter,
     unacked: HashMap<MessageId, Unacked>,
     consumers: Vec<Consumer>,
     /// Index in `consumers` to try first on the next dispatch (round-robin).
@@ -156,13 +226,83 @@ impl Queue {
         Queue::default()
     }
 
+    /// A queue whose in-memory bytes count towards `meter` (shared by a shard's queues).
+    pub fn with_meter(meter: MemoryMeter) -> Queue {
+        let mut queue = Queue::default();
+        queue.meter = meter;
+        queue
+    }
+
+    /// The id the next published message gets (it is logged under that id before it is
+    /// published).
+    pub fn next_id(&self) -> MessageId {
+        self.next_id
+    }
+
+    /// Ids below `next_id` are never used again (recovery: ids the log still mentions).
+    pub fn reserve_ids_below(&mut self, next_id: MessageId) {
+        self.next_id = self.next_id.max(next_id);
+    }
+
+    fn store(&mut self, message: Message) -> u32 {
+        let bytes = message.size_bytes();
+        self.memory_bytes += bytes;
+        self.meter.add(bytes);
+        match self.free.pop() {
+            Some(slot) => {
+                self.slab[slot as usize] = Some(message);
+                slot
+            }
+            None => {
+                self.slab.push(Some(message));
+                u32::try_from(self.slab.len() - 1).unwrap_or(PAGED)
+            }
+        }
+    }
+
+    fn take(&mut self, slot: u32) -> Option<Message> {
+        let message = self.slab.get_mut(slot as usize)?.take()?;
+        let bytes = message.size_bytes();
+        self.memory_bytes -= bytes;
+        self.meter.sub(bytes);
+        if self.memory_bytes == 0 && self.slab.len() > 1024 {
+            // Everything left is paged (or the queue is empty): give the slab back.
+            debug_assert!(self.slab.iter().all(Option::is_none));
+            self.slab = Vec::new();
+            self.free = Vec::new();
+        } else {
+            self.free.push(slot);
+        }
+        Some(message)
+    }
+
+    fn push_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
+        let slot = self.store(message);
+        self.ready.push_back(Ready {
+            tagged_id: id,
+            location: location.unwrap_or(NOT_LOGGED),
+            slot,
+        });
+    }
+
     /// Ready messages (the count declare-ok and get-ok report).
     pub fn message_count(&self) -> u32 {
         u32::try_from(self.ready.len()).unwrap_or(u32::MAX)
     }
 
+    /// Bytes of ready messages held in memory (paged-out ones not counted).
     pub fn ready_bytes(&self) -> usize {
-        self.ready_bytes
+        self.memory_bytes
+    }
+
+    /// Ready messages whose body is paged out.
+    pub fn paged_count(&self) -> usize {
+        self.paged_count
+    }
+
+    /// The first ready message is paged out: dispatch and get wait for it to be read back.
+    pub fn front_is_paged(&self) -> bool {
+        self.ready.front().is_some_and(Ready::is_paged)
     }
 
     pub fn unacked_count(&self) -> usize {
@@ -177,11 +317,11 @@ impl Queue {
         &self.consumers
     }
 
-    pub fn publish(&mut self, message: Message) -> MessageId {
+    /// Appends a message; `location` is where its Enqueue record lies, if it was logged.
+    pub fn publish(&mut self, message: Message, location: Option<Location>) -> MessageId {
         let id = self.next_id;
         self.next_id += 1;
-        self.ready_bytes += message.size_bytes();
-        self.ready.push_back(Ready::new(id, message, false));
+        self.push_ready(id, message, location);
         id
     }
 
@@ -248,9 +388,10 @@ impl Queue {
         }
     }
 
-    /// Hands ready messages to consumers round-robin, as far as their credit goes.
+    /// Hands ready messages to consumers round-robin, as far as their credit goes and up to the
+    /// first paged-out message.
     pub fn dispatch(&mut self, out: &mut Vec<Delivery>) {
-        while !self.ready.is_empty() && !self.consumers.is_empty() {
+        while !self.ready.is_empty() && !self.consumers.is_empty() && !self.front_is_paged() {
             let count = self.consumers.len();
             let Some(offset) = (0..count).find(|offset| {
                 self.consumers[(self.cursor + offset) % count]
@@ -261,18 +402,18 @@ impl Queue {
             };
             let index = (self.cursor + offset) % count;
             self.cursor = (index + 1) % count;
-            let Some(ready) = self.ready.pop_front() else {
+            let Some((ready, message)) = self.pop_front() else {
                 return;
             };
-            self.ready_bytes -= ready.message.size_bytes();
             let consumer = &mut self.consumers[index];
             consumer.credit.take_one();
             if !consumer.no_ack {
                 self.unacked.insert(
                     ready.id(),
                     Unacked {
-                        message: ready.message.clone(),
+                        message: message.clone(),
                         holder: consumer.channel,
+                        location: ready.location(),
                     },
                 );
             }
@@ -281,28 +422,39 @@ impl Queue {
                 id: ready.id(),
                 redelivered: ready.redelivered(),
                 no_ack: consumer.no_ack,
-                message: ready.message,
+                message,
             });
         }
     }
 
-    /// basic.get: the first ready message, if any.
-    pub fn get(&mut self, holder: ChannelKey, no_ack: bool) -> Option<Got> {
+    /// The first ready message with its body, unless it is paged out.
+    fn pop_front(&mut self) -> Option<(Ready, Message)> {
+        if self.front_is_paged() {
+            return None;
+        }
         let ready = self.ready.pop_front()?;
-        self.ready_bytes -= ready.message.size_bytes();
+        let message = self.take(ready.slot)?;
+        Some((ready, message))
+    }
+
+    /// basic.get: the first ready message, if any. None also when it is paged out (check
+    /// `front_is_paged` first).
+    pub fn get(&mut self, holder: ChannelKey, no_ack: bool) -> Option<Got> {
+        let (ready, message) = self.pop_front()?;
         if !no_ack {
             self.unacked.insert(
                 ready.id(),
                 Unacked {
-                    message: ready.message.clone(),
+                    message: message.clone(),
                     holder,
+                    location: ready.location(),
                 },
             );
         }
         Some(Got {
             id: ready.id(),
             redelivered: ready.redelivered(),
-            message: ready.message,
+            message,
             remaining: self.message_count(),
         })
     }
@@ -322,12 +474,152 @@ impl Queue {
         settled
     }
 
-    /// Puts a message recovered from the log back, in id order, before the queue serves.
-    pub fn restore(&mut self, id: MessageId, message: Message, redelivered: bool) {
+    /// Puts a message recovered from the log back, paged out, in id order, before the queue
+    /// serves.
+    pub fn restore(&mut self, id: MessageId, location: Location, redelivered: bool) {
         debug_assert!(self.ready.back().is_none_or(|last| last.id() < id));
+        debug_assert!(location.len != 0);
         self.next_id = self.next_id.max(id + 1);
-        self.ready_bytes += message.size_bytes();
-        self.ready.push_back(Ready::new(id, message, redelivered));
+        self.paged_count += 1;
+        self.ready.push_back(Ready {
+            tagged_id: id | if redelivered { REDELIVERED_BIT } else { 0 },
+            location,
+            slot: PAGED,
+        });
+    }
+
+    /// Room for `additional` more ready messages (recovery knows how many come).
+    pub fn reserve(&mut self, additional: usize) {
+        self.ready.reserve_exact(additional);
+    }
+
+    /// Paged-out messages among the first `window` ready ones, in order, up to `bytes_max` of
+    /// records (at least one): what to read back next.
+    pub fn paged_window(&self, window: usize, bytes_max: u64) -> Vec<(MessageId, Location)> {
+        let mut out = Vec::new();
+        if self.paged_count == 0 {
+            return out;
+        }
+        let mut bytes = 0u64;
+        for ready in self.ready.iter().take(window).filter(|r| r.is_paged()) {
+            bytes += u64::from(ready.location.len);
+            if bytes > bytes_max && !out.is_empty() {
+                break;
+            }
+            out.push((ready.id(), ready.location));
+        }
+        out
+    }
+
+    fn ready_position(&self, id: MessageId) -> Option<usize> {
+        let position = self.ready.partition_point(|r| r.id() < id);
+        self.ready
+            .get(position)
+            .is_some_and(|r| r.id() == id)
+            .then_some(position)
+    }
+
+    /// Puts a paged-out message's body back (read from the log). False if the message is no
+    /// longer ready or no longer paged out.
+    pub fn fill(&mut self, id: MessageId, message: Message) -> bool {
+        let Some(position) = self.ready_position(id) else {
+            return false;
+        };
+        if !self.ready[position].is_paged() {
+            return false;
+        }
+        let slot = self.store(message);
+        self.ready[position].slot = slot;
+        self.paged_count -= 1;
+        true
+    }
+
+    /// Drops a paged-out message whose record could not be read back.
+    pub fn drop_unreadable(&mut self, id: MessageId) -> bool {
+        let Some(position) = self.ready_position(id) else {
+            return false;
+        };
+        if !self.ready[position].is_paged() {
+            return false;
+        }
+        self.ready.remove(position);
+        self.paged_count -= 1;
+        true
+    }
+
+    /// Pages out logged messages from the back of the queue (those delivered last) until
+    /// `bytes` are freed, keeping the first `keep` ready messages and any whose record is not
+    /// durable yet (`durable`). Stops at the first message already paged out: older ones in
+    /// memory are the ones about to be delivered. Returns the bytes freed.
+    pub fn page_out(
+        &mut self,
+        bytes: usize,
+        keep: usize,
+        durable: impl Fn(&Location) -> bool,
+    ) -> usize {
+        let mut freed = 0;
+        let mut index = self.ready.len();
+        while freed < bytes && index > keep {
+            index -= 1;
+            let ready = &self.ready[index];
+            if ready.is_paged() {
+                break;
+            }
+            if ready.location.len == 0 || !durable(&ready.location) {
+                continue;
+            }
+            let slot = ready.slot;
+            if let Some(message) = self.take(slot) {
+                freed += message.size_bytes();
+            }
+            self.ready[index].slot = PAGED;
+            self.paged_count += 1;
+        }
+        freed
+    }
+
+    /// A message was logged again elsewhere (compaction): remember its new place.
+    pub fn relocate(&mut self, id: MessageId, location: Location) -> bool {
+        if let Some(unacked) = self.unacked.get_mut(&id) {
+            unacked.location = Some(location);
+            return true;
+        }
+        match self.ready_position(id) {
+            Some(position) => {
+                self.ready[position].location = location;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Persistent messages that were delivered before and are still here, ready or unacked (a
+    /// clean shutdown logs their marks).
+    pub fn delivered_persistent_ids(&self) -> Vec<MessageId> {
+        let mut ids: Vec<MessageId> = self
+            .unacked
+            .iter()
+            .filter(|(_, u)| u.message.is_persistent())
+            .map(|(id, _)| *id)
+            .collect();
+        ids.extend(
+            self.ready
+                .iter()
+                .filter(|r| r.redelivered() && self.is_persistent(r))
+                .map(Ready::id),
+        );
+        ids.sort_unstable();
+        ids
+    }
+
+    fn is_persistent(&self, ready: &Ready) -> bool {
+        if ready.is_paged() {
+            return true;
+        }
+        self.slab
+            .get(ready.slot as usize)
+            .and_then(Option::as_ref)
+            .is_some_and(Message::is_persistent)
     }
 
     /// Puts delivered messages back where they were, marked redelivered.
@@ -335,7 +627,7 @@ impl Queue {
         let mut requeued = 0;
         for id in ids {
             if let Some(unacked) = self.unacked.remove(id) {
-                self.insert_ready(*id, unacked.message);
+                self.insert_ready(*id, unacked.message, unacked.location);
                 requeued += 1;
             }
         }
@@ -354,29 +646,34 @@ impl Queue {
         self.requeue(&ids)
     }
 
-    fn insert_ready(&mut self, id: MessageId, message: Message) {
+    fn insert_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
         let position = self.ready.partition_point(|r| r.id() < id);
-        self.ready_bytes += message.size_bytes();
-        self.ready.insert(position, Ready::new(id, message, true));
+        let slot = self.store(message);
+        self.ready.insert(
+            position,
+            Ready {
+                tagged_id: id | REDELIVERED_BIT,
+                location: location.unwrap_or(NOT_LOGGED),
+                slot,
+            },
+        );
     }
 
-    /// A message still in the queue, ready or delivered: (message, delivered before).
-    pub fn find(&self, id: MessageId) -> Option<(&Message, bool)> {
+    /// A message still in the queue, ready or delivered.
+    pub fn find(&self, id: MessageId) -> Option<Found<'_>> {
         if let Some(unacked) = self.unacked.get(&id) {
-            return Some((&unacked.message, true));
+            return Some(Found {
+                message: Some(&unacked.message),
+                location: unacked.location,
+                delivered: true,
+            });
         }
-        let position = self.ready.partition_point(|r| r.id() < id);
-        self.ready
-            .get(position)
-            .filter(|r| r.id() == id)
-            .map(|r| (&r.message, r.redelivered()))
-    }
-
-    /// Ready messages in order: (id, message, redelivered).
-    pub fn ready_messages(&self) -> impl Iterator<Item = (MessageId, &Message, bool)> {
-        self.ready
-            .iter()
-            .map(|r| (r.id(), &r.message, r.redelivered()))
+        let ready = &self.ready[self.ready_position(id)?];
+        Some(Found {
+            message: self.slab.get(ready.slot as usize).and_then(Option::as_ref),
+            location: ready.location(),
+            delivered: ready.redelivered(),
+        })
     }
 
     /// Drops every ready message; returns how many. The ids of the persistent ones are added
@@ -386,11 +683,15 @@ impl Queue {
         persistent.extend(
             self.ready
                 .iter()
-                .filter(|r| r.message.is_persistent())
+                .filter(|r| self.is_persistent(r))
                 .map(Ready::id),
         );
         self.ready.clear();
-        self.ready_bytes = 0;
+        self.slab = Vec::new();
+        self.free = Vec::new();
+        self.meter.sub(self.memory_bytes);
+        self.memory_bytes = 0;
+        self.paged_count = 0;
         count
     }
 
@@ -398,6 +699,8 @@ impl Queue {
     pub fn check_invariants(&self) {
         let mut previous = None;
         let mut bytes = 0;
+        let mut paged = 0;
+        let mut in_memory = 0;
         for ready in &self.ready {
             assert!(previous < Some(ready.id()), "ready out of order");
             assert!(
@@ -405,12 +708,37 @@ impl Queue {
                 "id both ready and unacked"
             );
             previous = Some(ready.id());
-            bytes += ready.message.size_bytes();
+            if ready.is_paged() {
+                assert!(
+                    ready.location.len != 0,
+                    "a paged message without a location"
+                );
+                paged += 1;
+            } else {
+                let message = self.slab[ready.slot as usize]
+                    .as_ref()
+                    .expect("a ready slot holds its body");
+                bytes += message.size_bytes();
+                in_memory += 1;
+            }
         }
-        assert_eq!(bytes, self.ready_bytes, "ready_bytes drifted");
+        assert_eq!(bytes, self.memory_bytes, "memory_bytes drifted");
+        assert_eq!(paged, self.paged_count, "paged_count drifted");
+        assert_eq!(
+            in_memory,
+            self.slab.iter().filter(|s| s.is_some()).count(),
+            "slab holds bodies of messages no longer ready"
+        );
         for (i, a) in self.consumers.iter().enumerate() {
             assert!(self.consumers[i + 1..].iter().all(|b| b.key != a.key));
         }
+    }
+}
+
+impl Drop for Queue {
+    fn drop(&mut self) {
+        // A deleted queue's messages no longer count against the shard's budget.
+        self.meter.sub(self.memory_bytes);
     }
 }
 
@@ -456,7 +784,7 @@ mod tests {
     fn round_robin_within_credit() {
         let mut queue = Queue::new();
         for i in 0..5 {
-            queue.publish(message(&i.to_string()));
+            queue.publish(message(&i.to_string()), None);
         }
         queue.add_consumer(consumer(1, Credit::Limited(1))).unwrap();
         queue
@@ -475,7 +803,7 @@ mod tests {
     fn credit_stops_and_resumes_dispatch() {
         let mut queue = Queue::new();
         for i in 0..3 {
-            queue.publish(message(&i.to_string()));
+            queue.publish(message(&i.to_string()), None);
         }
         queue.add_consumer(consumer(1, Credit::Limited(1))).unwrap();
         let mut out = Vec::new();
@@ -493,7 +821,7 @@ mod tests {
     fn requeued_messages_return_to_their_position_marked_redelivered() {
         let mut queue = Queue::new();
         for i in 0..4 {
-            queue.publish(message(&i.to_string()));
+            queue.publish(message(&i.to_string()), None);
         }
         let first = queue.get(CHANNEL, false).unwrap();
         let second = queue.get(CHANNEL, false).unwrap();
@@ -514,7 +842,7 @@ mod tests {
     #[test]
     fn no_ack_deliveries_are_not_kept() {
         let mut queue = Queue::new();
-        queue.publish(message("a"));
+        queue.publish(message("a"), None);
         let mut c = consumer(1, Credit::Unlimited);
         c.no_ack = true;
         queue.add_consumer(c).unwrap();
@@ -548,7 +876,7 @@ mod tests {
     fn closing_a_channel_requeues_what_it_held() {
         let mut queue = Queue::new();
         for i in 0..3 {
-            queue.publish(message(&i.to_string()));
+            queue.publish(message(&i.to_string()), None);
         }
         queue.add_consumer(consumer(1, Credit::Unlimited)).unwrap();
         let mut out = Vec::new();
@@ -563,7 +891,7 @@ mod tests {
     fn purge_drops_ready_but_not_unacked() {
         let mut queue = Queue::new();
         for i in 0..3 {
-            queue.publish(message(&i.to_string()));
+            queue.publish(message(&i.to_string()), None);
         }
         let held = queue.get(CHANNEL, false).unwrap();
         assert_eq!(queue.purge(&mut Vec::new()), 2);
@@ -582,8 +910,8 @@ mod tests {
         let mut wants = Vec::new();
         queue.credit_wanted(&mut wants);
         assert!(wants.is_empty(), "nothing ready, nothing to ask for");
-        queue.publish(message("a"));
-        queue.publish(message("b"));
+        queue.publish(message("a"), None);
+        queue.publish(message("b"), None);
         queue.credit_wanted(&mut wants);
         assert_eq!(wants.len(), 1);
         assert_eq!(wants[0].1, 2);
@@ -595,6 +923,97 @@ mod tests {
         assert_eq!(out.len(), 1);
         queue.credit_wanted(&mut wants);
         assert_eq!(wants.len(), 2, "starved again with one ready");
+    }
+
+    fn location(n: u64) -> Location {
+        Location {
+            segment: 1,
+            len: 100,
+            offset: n * 100,
+        }
+    }
+
+    fn body_of(message: &Message) -> String {
+        String::from_utf8_lossy(message.body()).into_owned()
+    }
+
+    #[test]
+    fn a_ready_entry_is_small() {
+        assert!(std::mem::size_of::<Ready>() <= 32);
+    }
+
+    #[test]
+    fn paged_out_messages_wait_to_be_filled_and_keep_their_order() {
+        let meter = MemoryMeter::default();
+        let mut queue = Queue::with_meter(meter.clone());
+        for i in 0..6 {
+            queue.publish(message(&i.to_string()), Some(location(i)));
+        }
+        queue.publish(message("unlogged"), None);
+        let all = meter.bytes();
+        assert_eq!(all, queue.ready_bytes());
+        // Keep the first two; record 4 is not durable yet; the unlogged one cannot go.
+        let freed = queue.page_out(usize::MAX, 2, |l| l.offset != 400);
+        assert_eq!(queue.paged_count(), 3, "2, 3 and 5 paged out");
+        assert_eq!(meter.bytes(), all - freed);
+        queue.check_invariants();
+
+        let got: Vec<String> = (0..2)
+            .map(|_| body_of(&queue.get(CHANNEL, true).unwrap().message))
+            .collect();
+        assert_eq!(got, vec!["0", "1"]);
+        assert!(queue.front_is_paged());
+        assert!(queue.get(CHANNEL, true).is_none(), "waits for the page-in");
+        let mut c = consumer(1, Credit::Unlimited);
+        c.no_ack = true;
+        queue.add_consumer(c).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert!(out.is_empty());
+
+        let wanted = queue.paged_window(10, u64::MAX);
+        let ids: Vec<u64> = wanted.iter().map(|(id, _)| *id).collect();
+        assert_eq!(ids, vec![2, 3, 5]);
+        assert_eq!(queue.paged_window(10, 150).len(), 1, "bounded by bytes");
+        for (id, _) in wanted {
+            assert!(queue.fill(id, message(&id.to_string())));
+        }
+        assert!(!queue.fill(2, message("again")), "already filled");
+        queue.check_invariants();
+        queue.dispatch(&mut out);
+        assert_eq!(bodies(&out), vec!["2", "3", "4", "5", "unlogged"]);
+        assert_eq!(meter.bytes(), 0);
+        queue.check_invariants();
+        queue.publish(message("left"), None);
+        assert!(meter.bytes() > 0);
+        drop(queue);
+        assert_eq!(meter.bytes(), 0, "a dropped queue gives its bytes back");
+    }
+
+    #[test]
+    fn recovered_messages_start_paged_and_requeues_keep_locations() {
+        let mut queue = Queue::new();
+        queue.restore(3, location(3), false);
+        queue.restore(8, location(8), true);
+        assert_eq!(queue.next_id(), 9);
+        assert_eq!(queue.message_count(), 2);
+        assert_eq!(queue.ready_bytes(), 0);
+        assert!(queue.fill(3, message("three")));
+        let got = queue.get(CHANNEL, false).unwrap();
+        assert_eq!(got.id, 3);
+        assert_eq!(queue.find(3).unwrap().location, Some(location(3)));
+        assert!(queue.relocate(3, location(30)));
+        queue.requeue(&[3]);
+        let found = queue.find(3).unwrap();
+        assert_eq!(found.location, Some(location(30)));
+        assert!(found.delivered && found.message.is_some());
+        assert!(queue.find(8).unwrap().message.is_none(), "still paged");
+        assert_eq!(queue.delivered_persistent_ids(), vec![8]);
+        assert!(queue.drop_unreadable(8));
+        assert_eq!(queue.message_count(), 1);
+        let mut persistent = Vec::new();
+        assert_eq!(queue.purge(&mut persistent), 1);
+        queue.check_invariants();
     }
 
     #[test]

@@ -20,14 +20,15 @@
 //! Replay is a fold: a message is live if it was enqueued and not settled since, and its
 //! queue was not deleted after it; a live message that was delivered comes back redelivered.
 //! Message ids are per queue and increase with publish order, so sorting by id restores order.
-
-use std::collections::BTreeMap;
+//! The fold keeps where each live message's record lies, not its body: a recovered backlog stays
+//! paged out until it is delivered.
 
 use ahash::HashMap;
 use bytes::{BufMut, Bytes, BytesMut};
+use roaring::RoaringTreemap;
 
 use crate::message::Message;
-use crate::queue::MessageId;
+use crate::queue::{Location, MessageId};
 use crate::record::{put_long, put_short, Malformed, PayloadReader, Record};
 
 pub const KIND_ENQUEUE: u8 = 1;
@@ -156,67 +157,135 @@ impl WalEntry {
     }
 }
 
-/// A message that survived replay.
-#[derive(Debug, Clone, PartialEq)]
+/// A message that survived replay: where its Enqueue record lies, not its body (recovery keeps
+/// a backlog paged out; bodies are read back when delivered).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recovered {
     pub id: MessageId,
-    pub message: Message,
+    pub location: Location,
     pub redelivered: bool,
 }
 
-/// Folds log entries, oldest first, into each queue's live messages in publish order. Unless
-/// the last entry is CleanShutdown, every message comes back redelivered (see the module doc).
-pub fn fold(entries: impl IntoIterator<Item = WalEntry>) -> HashMap<LoggedQueue, Vec<Recovered>> {
-    let mut queues: HashMap<LoggedQueue, BTreeMap<MessageId, Recovered>> = HashMap::default();
-    let mut clean = false;
-    for entry in entries {
-        clean = matches!(entry, WalEntry::CleanShutdown);
+/// One queue's live messages after replay.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RecoveredQueue {
+    /// In publish (id) order.
+    pub messages: Vec<Recovered>,
+    /// Above every id the log mentions for this queue: new messages must not reuse an id that a
+    /// retained Settle record could otherwise apply to.
+    pub next_id: MessageId,
+}
+
+#[derive(Debug, Default)]
+struct QueueFold {
+    /// Enqueue records in log order (compaction may log one id twice: the later one counts).
+    enqueued: Vec<(MessageId, Location)>,
+    settled: RoaringTreemap,
+    delivered: RoaringTreemap,
+    next_id: MessageId,
+}
+
+impl QueueFold {
+    fn saw(&mut self, id: MessageId) {
+        self.next_id = self.next_id.max(id.saturating_add(1));
+    }
+}
+
+/// The replay fold, fed one entry at a time in log order (oldest segment first), so that a log
+/// far larger than memory can be recovered: per live message it keeps 24 bytes.
+///
+/// A message is live if it was enqueued and not settled, in the current incarnation of its
+/// queue (a DeleteQueue record starts over). Ids are never reused within an incarnation — also
+/// across restarts, see `RecoveredQueue::next_id` — so the settled set does not depend on order.
+#[derive(Debug, Default)]
+pub struct Recovery {
+    queues: HashMap<LoggedQueue, QueueFold>,
+    clean: bool,
+}
+
+impl Recovery {
+    pub fn new() -> Recovery {
+        Recovery::default()
+    }
+
+    /// Folds in the next entry; `location` is where its record lies.
+    pub fn apply(&mut self, entry: &WalEntry, location: Location) {
+        self.clean = matches!(entry, WalEntry::CleanShutdown);
         match entry {
-            WalEntry::Enqueue { queue, id, message } => {
-                queues.entry(queue).or_default().insert(
-                    id,
-                    Recovered {
-                        id,
-                        message,
-                        redelivered: false,
-                    },
-                );
+            WalEntry::Enqueue { queue, id, .. } => {
+                let fold = self.queue(queue);
+                fold.saw(*id);
+                fold.enqueued.push((*id, location));
             }
             WalEntry::Settle { queue, ids } => {
-                if let Some(messages) = queues.get_mut(&queue) {
-                    for id in ids {
-                        messages.remove(&id);
-                    }
+                let fold = self.queue(queue);
+                for id in ids {
+                    fold.saw(*id);
+                    fold.settled.insert(*id);
                 }
             }
             WalEntry::Delivered { queue, ids } => {
-                if let Some(messages) = queues.get_mut(&queue) {
-                    for id in ids {
-                        if let Some(message) = messages.get_mut(&id) {
-                            message.redelivered = true;
-                        }
-                    }
+                let fold = self.queue(queue);
+                for id in ids {
+                    fold.saw(*id);
+                    fold.delivered.insert(*id);
                 }
             }
             WalEntry::DeleteQueue { queue } => {
-                queues.remove(&queue);
+                self.queues.insert(queue.clone(), QueueFold::default());
             }
             WalEntry::CleanShutdown => {}
         }
     }
-    queues
-        .into_iter()
-        .map(|(queue, messages)| {
-            let messages = messages
-                .into_values()
-                .map(|mut recovered| {
-                    recovered.redelivered |= !clean;
-                    recovered
-                })
-                .collect();
-            (queue, messages)
-        })
-        .collect()
+
+    fn queue(&mut self, queue: &LoggedQueue) -> &mut QueueFold {
+        if !self.queues.contains_key(queue) {
+            self.queues.insert(queue.clone(), QueueFold::default());
+        }
+        self.queues.get_mut(queue).expect("inserted above")
+    }
+
+    /// Each queue's live messages in publish order. Unless the last entry was CleanShutdown,
+    /// every message comes back redelivered (see the module doc). Queues the log mentions with
+    /// nothing live are listed too (their `next_id` matters).
+    pub fn finish(self) -> HashMap<LoggedQueue, RecoveredQueue> {
+        let clean = self.clean;
+        self.queues
+            .into_iter()
+            .map(|(queue, mut fold)| {
+                // Stable: of two records of one id, the later one (compaction's copy) stays last.
+                fold.enqueued.sort_by_key(|(id, _)| *id);
+                let mut messages: Vec<Recovered> = Vec::with_capacity(fold.enqueued.len());
+                for (id, location) in fold.enqueued {
+                    if fold.settled.contains(id) {
+                        continue;
+                    }
+                    let recovered = Recovered {
+                        id,
+                        location,
+                        redelivered: !clean || fold.delivered.contains(id),
+                    };
+                    match messages.last_mut() {
+                        Some(last) if last.id == id => *last = recovered,
+                        _ => messages.push(recovered),
+                    }
+                }
+                let next_id = fold.next_id;
+                (queue, RecoveredQueue { messages, next_id })
+            })
+            .collect()
+    }
+}
+
+/// Folds a whole log at once (tests and tools).
+pub fn fold(
+    entries: impl IntoIterator<Item = (WalEntry, Location)>,
+) -> HashMap<LoggedQueue, RecoveredQueue> {
+    let mut recovery = Recovery::new();
+    for (entry, location) in entries {
+        recovery.apply(&entry, location);
+    }
+    recovery.finish()
 }
 
 #[cfg(test)]
@@ -249,6 +318,22 @@ mod tests {
             encode_record(&mut out, kind, &payload);
         }
         out.freeze()
+    }
+
+    /// Entries with made-up record locations (the n-th entry at offset n).
+    fn located(entries: Vec<WalEntry>) -> Vec<(WalEntry, Location)> {
+        entries
+            .into_iter()
+            .enumerate()
+            .map(|(n, entry)| {
+                let location = Location {
+                    segment: 1,
+                    len: 1,
+                    offset: n as u64,
+                };
+                (entry, location)
+            })
+            .collect()
     }
 
     fn read_back(bytes: Bytes) -> Vec<WalEntry> {
@@ -317,11 +402,16 @@ mod tests {
             },
             WalEntry::CleanShutdown,
         ];
-        let folded = fold(entries);
+        let folded = fold(located(entries));
         let a = &folded[&queue("a")];
-        let summary: Vec<(u64, bool)> = a.iter().map(|r| (r.id, r.redelivered)).collect();
-        assert_eq!(summary, vec![(1, true), (2, false)]);
-        assert!(!folded.contains_key(&queue("gone")));
+        let summary: Vec<(u64, bool, u64)> = a
+            .messages
+            .iter()
+            .map(|r| (r.id, r.redelivered, r.location.offset))
+            .collect();
+        assert_eq!(summary, vec![(1, true, 1), (2, false, 0)]);
+        assert_eq!(a.next_id, 4);
+        assert!(folded[&queue("gone")].messages.is_empty());
     }
 
     #[test]
@@ -339,8 +429,8 @@ mod tests {
                 message: message("two"),
             },
         ];
-        let folded = fold(entries);
-        assert!(folded[&queue("a")].iter().all(|r| r.redelivered));
+        let folded = fold(located(entries));
+        assert!(folded[&queue("a")].messages.iter().all(|r| r.redelivered));
     }
 
     /// Segments are files; one may be missing (deleted by hand, lost) or empty (a crash right
@@ -380,9 +470,9 @@ mod tests {
                 .iter()
                 .flat_map(|s| read_back((*s).clone()))
                 .collect();
-            fold(entries)
+            fold(located(entries))
                 .get(&queue("a"))
-                .map(|m| m.iter().map(|r| r.id).collect())
+                .map(|q| q.messages.iter().map(|r| r.id).collect())
                 .unwrap_or_default()
         };
         assert_eq!(ids(&[&first, &second, &third, &empty]), vec![2]);
@@ -390,6 +480,69 @@ mod tests {
         assert_eq!(ids(&[&first, &third]), vec![1, 2]);
         // The first lost: settles of unknown ids are ignored.
         assert_eq!(ids(&[&second, &third]), Vec::<u64>::new());
+    }
+
+    /// Compaction logs a live message again in a newer segment; until the old segment is gone
+    /// replay sees it twice and must keep one copy, at the newer place.
+    #[test]
+    fn a_compacted_copy_wins_over_the_original() {
+        let entries = vec![
+            WalEntry::Enqueue {
+                queue: queue("a"),
+                id: 1,
+                message: message("one"),
+            },
+            WalEntry::Enqueue {
+                queue: queue("a"),
+                id: 2,
+                message: message("two"),
+            },
+            WalEntry::Enqueue {
+                queue: queue("a"),
+                id: 1,
+                message: message("one"),
+            },
+        ];
+        let folded = fold(located(entries));
+        let places: Vec<(u64, u64)> = folded[&queue("a")]
+            .messages
+            .iter()
+            .map(|r| (r.id, r.location.offset))
+            .collect();
+        assert_eq!(places, vec![(1, 2), (2, 1)]);
+    }
+
+    /// Ids mentioned only by Settle records still raise `next_id`, and a deleted queue's
+    /// records do not apply to its successor of the same name.
+    #[test]
+    fn next_id_covers_every_id_the_log_mentions() {
+        let entries = vec![
+            WalEntry::Settle {
+                queue: queue("a"),
+                ids: vec![41],
+            },
+            WalEntry::Enqueue {
+                queue: queue("b"),
+                id: 0,
+                message: message("old"),
+            },
+            WalEntry::Settle {
+                queue: queue("b"),
+                ids: vec![1],
+            },
+            WalEntry::DeleteQueue { queue: queue("b") },
+            WalEntry::Enqueue {
+                queue: queue("b"),
+                id: 1,
+                message: message("new"),
+            },
+        ];
+        let folded = fold(located(entries));
+        assert_eq!(folded[&queue("a")].next_id, 42);
+        let b = &folded[&queue("b")];
+        assert_eq!(b.messages.len(), 1);
+        assert_eq!(b.messages[0].id, 1, "the old settle of id 1 does not apply");
+        assert_eq!(b.next_id, 2);
     }
 
     #[test]

@@ -17,21 +17,24 @@ use std::time::Duration;
 use ahash::{HashMap, HashMapExt};
 use log::{debug, warn};
 use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery};
-use shards::{Message, MessageId, Queue, ShardId};
+use shards::{Location, MemoryMeter, MessageId, Queue, ShardId};
 
 use std::path::Path;
 
 use bytes::BytesMut;
-use log::info;
-use shards::record;
-use shards::wal::{self, LoggedQueue, WalEntry};
+use log::{error, info};
+use roaring::RoaringTreemap;
+use shards::record::{self, RECORD_HEADER_BYTES};
+use shards::wal::{LoggedQueue, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
 use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
-use super::storage::{after_synced, SegmentedWal};
+use super::storage::{
+    after_synced, Appended, CompactionHost, LiveMessage, RetainedSegment, SegmentedWal,
+};
 use crate::codec::{ReplyCode, ShortStr};
 use crate::config::{Config, QueuePlacement};
 use crate::connection::error::AmqpError;
@@ -41,6 +44,14 @@ use crate::runtime::sync::Signal;
 
 /// The coordinator of metadata changes lives on this shard.
 pub const COORDINATOR: ShardId = ShardId(0);
+
+/// A consumed queue keeps this many of its first ready messages in memory (read back ahead of
+/// delivery, never paged out).
+const PAGE_IN_WINDOW: usize = 256;
+/// One page-in reads at most this many bytes of records.
+const PAGE_IN_BYTES_MAX: u64 = 1 << 20;
+/// Delivered marks per record at a clean shutdown.
+const MARKS_PER_RECORD: usize = 65536;
 
 /// What the broker needs from a local connection to hand it deliveries and confirms.
 pub trait ConnectionPort {
@@ -107,6 +118,14 @@ pub struct ShardBroker {
     reclaiming: Cell<bool>,
     segment_bytes_max: u64,
     compact_live_fraction: f64,
+    /// Bytes of ready messages in memory over all owned queues, and the budget past which the
+    /// pager pages persistent ones out.
+    meter: MemoryMeter,
+    memory_budget: usize,
+    /// The pager runs again only once memory passed this (it found nothing more to page).
+    page_out_floor: Cell<usize>,
+    /// Queues with a page-in under way.
+    paging_in: RefCell<ahash::HashSet<QueueKey>>,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
 }
@@ -149,6 +168,10 @@ impl ShardBroker {
             reclaiming: Cell::new(false),
             segment_bytes_max: config.storage.segment_bytes_max,
             compact_live_fraction: config.storage.compact_live_fraction,
+            meter: MemoryMeter::default(),
+            memory_budget: config.queues.memory_budget_bytes,
+            page_out_floor: Cell::new(0),
+            paging_in: RefCell::new(ahash::HashSet::default()),
             meta_log: RefCell::new(None),
         });
         if let Some(coordinator) = &broker.coordinator {
@@ -330,30 +353,39 @@ impl ShardBroker {
                         vhost: vhost.clone(),
                         name,
                     };
-                    let stored = match self.queues.borrow_mut().get_mut(&key) {
-                        Some(owned) => {
-                            let id = owned.queue.publish(message.clone());
-                            Some((id, owned.durable && message.is_persistent()))
-                        }
-                        None => None,
-                    };
-                    let Some((id, durable)) = stored else {
+                    let next = self
+                        .queues
+                        .borrow()
+                        .get(&key)
+                        .map(|owned| (owned.queue.next_id(), owned.durable));
+                    let Some((id, durable)) = next else {
                         continue;
                     };
-                    if durable {
-                        let writer = self.log(WalEntry::Enqueue {
+                    let mut location = None;
+                    if durable && message.is_persistent() {
+                        let appended = self.log(WalEntry::Enqueue {
                             queue: logged_queue(&key),
                             id,
                             message: message.clone(),
                         });
-                        if let Some(writer) = writer {
+                        if let Some(Appended {
+                            writer,
+                            location: at,
+                        }) = appended
+                        {
+                            location = Some(at);
                             if !logged.iter().any(|w| Rc::ptr_eq(w, &writer)) {
                                 logged.push(writer);
                             }
                         }
                     }
+                    if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
+                        let published = owned.queue.publish(message.clone(), location);
+                        debug_assert_eq!(published, id);
+                    }
                     self.dispatch(&key);
                 }
+                self.maybe_page_out();
                 if let Some(confirm) = confirm {
                     self.after_logged(logged, move |shard, ok| {
                         shard.post(from, ShardMessage::Confirmed { to: confirm, ok })
@@ -481,6 +513,29 @@ impl ShardBroker {
                 channel,
                 no_ack,
             } => {
+                let paged = self
+                    .queues
+                    .borrow()
+                    .get(&queue)
+                    .is_some_and(|owned| owned.queue.front_is_paged());
+                if paged {
+                    // Read the head back first, then answer as if it had been there.
+                    let shard = self.clone();
+                    glommio::spawn_local(async move {
+                        shard.page_in_head(&queue).await;
+                        shard.handle(
+                            from,
+                            ShardMessage::Get {
+                                token,
+                                queue,
+                                channel,
+                                no_ack,
+                            },
+                        );
+                    })
+                    .detach();
+                    return;
+                }
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
@@ -644,9 +699,14 @@ impl ShardBroker {
     fn dispatch(self: &Rc<Self>, key: &QueueKey) {
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut wants = Vec::new();
+        let mut page_in = false;
         if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
             owned.queue.dispatch(&mut deliveries);
             owned.queue.credit_wanted(&mut wants);
+            page_in = owned.queue.paged_count() > 0 && owned.queue.consumer_count() > 0;
+        }
+        if page_in {
+            self.start_page_in(key);
         }
         for (consumer, ready) in wants {
             self.post(
@@ -753,7 +813,7 @@ impl ShardBroker {
                     .borrow_mut()
                     .entry(key)
                     .or_insert_with(|| OwnedQueue {
-                        queue: Queue::new(),
+                        queue: Queue::with_meter(self.meter.clone()),
                         durable: def.durable,
                         auto_delete: def.auto_delete,
                         had_consumer: false,
@@ -774,18 +834,152 @@ impl ShardBroker {
         }
     }
 
-    /// Appends to this shard's log, if it has one; returns the segment log that holds it.
-    fn log(self: &Rc<Self>, entry: WalEntry) -> Option<Rc<LogWriter>> {
+    /// Appends to this shard's log, if it has one; returns the segment log that holds it and
+    /// where the record lies.
+    fn log(self: &Rc<Self>, entry: WalEntry) -> Option<Appended> {
         let reclaimable = matches!(
             entry,
             WalEntry::Settle { .. } | WalEntry::DeleteQueue { .. }
         );
         let wal = self.wal.borrow().clone()?;
-        let writer = wal.append(&entry);
+        let appended = wal.append(&entry);
         if reclaimable {
             self.schedule_reclaim();
         }
-        Some(writer)
+        Some(appended)
+    }
+
+    /// Past the memory budget, pages out persistent messages of durable queues whose records
+    /// are durable, newest first, down to three quarters of the budget.
+    fn maybe_page_out(self: &Rc<Self>) {
+        let used = self.meter.bytes();
+        if used <= self.memory_budget.max(self.page_out_floor.get()) {
+            return;
+        }
+        let Some(wal) = self.wal.borrow().clone() else {
+            return;
+        };
+        let target = used - self.memory_budget / 4 * 3;
+        let mut freed = 0;
+        for owned in self.queues.borrow_mut().values_mut() {
+            if !owned.durable || owned.queue.message_count() == 0 {
+                continue;
+            }
+            let keep = if owned.queue.consumer_count() > 0 {
+                PAGE_IN_WINDOW
+            } else {
+                1
+            };
+            freed += owned
+                .queue
+                .page_out(target - freed, keep, |l| wal.is_durable(l));
+            if freed >= target {
+                break;
+            }
+        }
+        // What is left cannot be paged now (transient, or not yet durable): try again only
+        // after memory grew by another eighth of the budget.
+        let now = self.meter.bytes();
+        self.page_out_floor.set(if now > self.memory_budget {
+            now + self.memory_budget / 8
+        } else {
+            0
+        });
+        debug!(
+            "{}: paged out {freed} bytes; {now} bytes of messages in memory",
+            self.id
+        );
+    }
+
+    /// Reads back the paged-out messages at the head of a consumed queue, in the background;
+    /// delivers them once they are in.
+    fn start_page_in(self: &Rc<Self>, key: &QueueKey) {
+        if self.paging_in.borrow().contains(key) {
+            return;
+        }
+        let wanted = self.queues.borrow().get(key).map_or(Vec::new(), |owned| {
+            owned.queue.paged_window(PAGE_IN_WINDOW, PAGE_IN_BYTES_MAX)
+        });
+        if wanted.is_empty() {
+            return;
+        }
+        self.paging_in.borrow_mut().insert(key.clone());
+        let shard = self.clone();
+        let key = key.clone();
+        glommio::spawn_local(async move {
+            shard.page_in(&key, wanted).await;
+            shard.paging_in.borrow_mut().remove(&key);
+            shard.dispatch(&key);
+            shard.maybe_page_out();
+        })
+        .detach();
+    }
+
+    /// Waits until the first ready message of `key` is in memory (or the queue is empty or
+    /// gone), reading it back if no page-in is under way.
+    async fn page_in_head(self: &Rc<Self>, key: &QueueKey) {
+        loop {
+            let paged = self
+                .queues
+                .borrow()
+                .get(key)
+                .is_some_and(|owned| owned.queue.front_is_paged());
+            if !paged {
+                return;
+            }
+            if self.paging_in.borrow().contains(key) {
+                glommio::timer::sleep(Duration::from_micros(200)).await;
+                continue;
+            }
+            let wanted = self.queues.borrow().get(key).map_or(Vec::new(), |owned| {
+                owned.queue.paged_window(PAGE_IN_WINDOW, PAGE_IN_BYTES_MAX)
+            });
+            self.paging_in.borrow_mut().insert(key.clone());
+            self.page_in(key, wanted).await;
+            self.paging_in.borrow_mut().remove(key);
+        }
+    }
+
+    async fn page_in(self: &Rc<Self>, key: &QueueKey, wanted: Vec<(MessageId, Location)>) {
+        // glommio polls a new task at once: let the caller release its borrows first.
+        futures_lite::future::yield_now().await;
+        let Some(wal) = self.wal.borrow().clone() else {
+            return;
+        };
+        let locations: Vec<Location> = wanted.iter().map(|(_, l)| *l).collect();
+        let messages = wal.read(&locations).await;
+        let mut lost = Vec::new();
+        if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
+            for ((id, location), message) in wanted.into_iter().zip(messages) {
+                match message {
+                    Some(message) => {
+                        owned.queue.fill(id, message);
+                    }
+                    None => {
+                        // Compaction may have moved the record while it was being read: the
+                        // next page-in reads it from its new place.
+                        let moved = owned
+                            .queue
+                            .find(id)
+                            .is_some_and(|found| found.location != Some(location));
+                        if !moved && owned.queue.drop_unreadable(id) {
+                            error!(
+                                "{}: queue '{}': message {id} could not be read back from \
+                                 log segment {} at offset {}; it is lost",
+                                self.id, key.name, location.segment, location.offset
+                            );
+                            lost.push(id);
+                        }
+                    }
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.log(WalEntry::Settle {
+                queue: logged_queue(key),
+                ids: lost,
+            });
+        }
     }
 
     /// Runs `then` once the records in `logged` are durable (at once if there are none).
@@ -809,23 +1003,11 @@ impl ShardBroker {
             futures_lite::future::yield_now().await;
             let wal = shard.wal.borrow().clone();
             if let Some(wal) = wal {
-                let lookup = shard.clone();
-                wal.reclaim(move |queue, id| lookup.find_message(queue, id))
-                    .await;
+                wal.reclaim(shard.as_ref()).await;
             }
             shard.reclaiming.set(false);
         })
         .detach();
-    }
-
-    fn find_message(&self, queue: &LoggedQueue, id: MessageId) -> Option<(Message, bool)> {
-        let key = QueueKey {
-            vhost: ShortStr::from_bytes(queue.vhost.clone()).ok()?,
-            name: ShortStr::from_bytes(queue.name.clone()).ok()?,
-        };
-        let queues = self.queues.borrow();
-        let (message, delivered) = queues.get(&key)?.queue.find(id)?;
-        Some((message.clone(), delivered))
     }
 
     /// Appends a metadata change to the metadata log (coordinator only) and waits until it is
@@ -850,8 +1032,10 @@ impl ShardBroker {
     }
 
     /// Start-up, before the shard serves: applies the durable metadata, replays this shard's
-    /// write-ahead log into its durable queues, writes the live state as a new log generation,
-    /// and removes the old ones. The coordinator's shard does the same for the metadata log.
+    /// write-ahead log segments (one at a time, keeping only where each live message lies) into
+    /// its durable queues, paged out, and opens a new segment for what comes next. The old
+    /// segments stay until reclaiming deletes them. The coordinator's shard also rewrites the
+    /// metadata log.
     pub async fn open_storage(
         self: &Rc<Self>,
         data_dir: &Path,
@@ -863,8 +1047,16 @@ impl ShardBroker {
         let dir = data_dir.join(format!("shard-{}", self.id.index()));
         let files = meta_log::generations(&dir, "wal")
             .map_err(|e| format!("{}: cannot list {}: {e}", self.id, dir.display()))?;
-        let mut entries = Vec::new();
-        for (_, path) in &files {
+        let mut recovery = Recovery::new();
+        let mut retained = Vec::new();
+        for (generation, path) in &files {
+            let Ok(tag) = u32::try_from(*generation) else {
+                return Err(format!(
+                    "{}: log generation {generation} out of range",
+                    self.id
+                ));
+            };
+            // Before the shard serves: a blocking read is fine here (one segment at a time).
             let image = std::fs::read(path)
                 .map_err(|e| format!("{}: cannot read {}: {e}", self.id, path.display()))?;
             let replayed = record::replay(bytes::Bytes::from(image));
@@ -878,9 +1070,18 @@ impl ShardBroker {
                     replayed.stopped_by.unwrap_or("unknown")
                 );
             }
+            let mut enqueued_count = 0;
             for record in &replayed.records {
                 match WalEntry::decode(record) {
-                    Ok(entry) => entries.push(entry),
+                    Ok(entry) => {
+                        enqueued_count += u64::from(matches!(entry, WalEntry::Enqueue { .. }));
+                        let location = Location {
+                            segment: tag,
+                            len: (record.payload.len() + RECORD_HEADER_BYTES) as u32,
+                            offset: record.offset,
+                        };
+                        recovery.apply(&entry, location);
+                    }
                     Err(record::Malformed(what)) => {
                         warn!(
                             "{}: {}: malformed record at offset {} ({what}); ignoring the rest",
@@ -892,26 +1093,49 @@ impl ShardBroker {
                     }
                 }
             }
+            retained.push(RetainedSegment {
+                generation: *generation,
+                path: path.clone(),
+                bytes: replayed.valid_bytes,
+                enqueued_count,
+                live: HashMap::new(),
+            });
         }
         let mut restored = 0usize;
         let mut orphaned = 0usize;
-        for (logged, messages) in wal::fold(entries) {
+        let mut orphans = Vec::new();
+        for (logged, recovered) in recovery.finish() {
             let key = QueueKey {
-                vhost: ShortStr::from_bytes(logged.vhost).unwrap_or_default(),
-                name: ShortStr::from_bytes(logged.name).unwrap_or_default(),
+                vhost: ShortStr::from_bytes(logged.vhost.clone()).unwrap_or_default(),
+                name: ShortStr::from_bytes(logged.name.clone()).unwrap_or_default(),
             };
             let mut queues = self.queues.borrow_mut();
-            match queues.get_mut(&key).filter(|owned| owned.durable) {
-                Some(owned) => {
-                    restored += messages.len();
-                    for recovered in messages {
-                        owned
-                            .queue
-                            .restore(recovered.id, recovered.message, recovered.redelivered);
-                    }
+            let Some(owned) = queues.get_mut(&key).filter(|owned| owned.durable) else {
+                if !recovered.messages.is_empty() || recovered.next_id > 0 {
+                    orphaned += recovered.messages.len();
+                    orphans.push(logged);
                 }
-                None => orphaned += messages.len(),
+                continue;
+            };
+            restored += recovered.messages.len();
+            owned.queue.reserve(recovered.messages.len());
+            for message in &recovered.messages {
+                owned
+                    .queue
+                    .restore(message.id, message.location, message.redelivered);
+                let segment = retained
+                    .binary_search_by_key(&u64::from(message.location.segment), |s| s.generation)
+                    .ok()
+                    .and_then(|index| retained.get_mut(index));
+                if let Some(segment) = segment {
+                    segment
+                        .live
+                        .entry(logged.clone())
+                        .or_insert_with(RoaringTreemap::new)
+                        .insert(message.id);
+                }
             }
+            owned.queue.reserve_ids_below(recovered.next_id);
         }
         if !files.is_empty() {
             info!(
@@ -925,50 +1149,29 @@ impl ShardBroker {
                 }
             );
         }
-        // The new generation: the live state, then the changes from here on.
         let generation = files.last().map_or(1, |(generation, _)| generation + 1);
-        let wal = SegmentedWal::create(
+        let wal = SegmentedWal::open(
             &dir,
+            retained,
             generation,
             self.segment_bytes_max,
             self.compact_live_fraction,
         )
         .await
         .map_err(|e| format!("{}: cannot create a log in {}: {e}", self.id, dir.display()))?;
-        for (key, owned) in self.queues.borrow().iter().filter(|(_, o)| o.durable) {
-            let queue = logged_queue(key);
-            let mut redelivered = Vec::new();
-            for (id, message, was_redelivered) in owned.queue.ready_messages() {
-                if !message.is_persistent() {
-                    continue;
-                }
-                wal.append(&WalEntry::Enqueue {
-                    queue: queue.clone(),
-                    id,
-                    message: message.clone(),
-                });
-                if was_redelivered {
-                    redelivered.push(id);
-                }
-            }
-            if !redelivered.is_empty() {
-                wal.append(&WalEntry::Delivered {
-                    queue,
-                    ids: redelivered,
-                });
-            }
+        // Queues deleted while their last records were not yet logged: make it explicit, so a
+        // new queue of the same name never inherits their messages.
+        for queue in orphans {
+            wal.append(&WalEntry::DeleteQueue { queue });
         }
         let (sender, receiver) = oneshot::channel();
         wal.after_all_synced(move |ok| sender.send(ok));
         if receiver.await != Some(true) {
             return Err(format!("{}: the new log could not be written", self.id));
         }
-        for (_, old) in &files {
-            std::fs::remove_file(old)
-                .map_err(|e| format!("{}: cannot remove {}: {e}", self.id, old.display()))?;
-        }
         sync_directory(&dir).map_err(|e| format!("{}: {e}", self.id))?;
         *self.wal.borrow_mut() = Some(wal);
+        self.schedule_reclaim();
 
         if self.coordinator.is_some() {
             let path = data_dir.join(format!("meta-{:016}.log", metadata.next_generation));
@@ -999,6 +1202,18 @@ impl ShardBroker {
     pub async fn close_storage(&self) {
         let wal = self.wal.borrow().clone();
         if let Some(wal) = wal {
+            // Nothing may follow the clean-shutdown mark: stop compaction first.
+            wal.begin_close();
+            // Delivery marks are not logged as deliveries happen; record the flags now.
+            for (key, owned) in self.queues.borrow().iter().filter(|(_, o)| o.durable) {
+                let ids = owned.queue.delivered_persistent_ids();
+                for chunk in ids.chunks(MARKS_PER_RECORD) {
+                    wal.append(&WalEntry::Delivered {
+                        queue: logged_queue(key),
+                        ids: chunk.to_vec(),
+                    });
+                }
+            }
             wal.append(&WalEntry::CleanShutdown);
             let (sender, receiver) = oneshot::channel();
             wal.after_all_synced(move |ok| sender.send(ok));
@@ -1043,6 +1258,34 @@ impl ShardBroker {
             consumer,
         }
     }
+}
+
+impl CompactionHost for ShardBroker {
+    fn find(&self, queue: &LoggedQueue, id: MessageId) -> Option<LiveMessage> {
+        let key = queue_key(queue)?;
+        let queues = self.queues.borrow();
+        let found = queues.get(&key)?.queue.find(id)?;
+        Some(LiveMessage {
+            message: found.message.cloned(),
+            location: found.location,
+            delivered: found.delivered,
+        })
+    }
+
+    fn relocate(&self, queue: &LoggedQueue, id: MessageId, location: Location) {
+        if let Some(key) = queue_key(queue) {
+            if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
+                owned.queue.relocate(id, location);
+            }
+        }
+    }
+}
+
+fn queue_key(queue: &LoggedQueue) -> Option<QueueKey> {
+    Some(QueueKey {
+        vhost: ShortStr::from_bytes(queue.vhost.clone()).ok()?,
+        name: ShortStr::from_bytes(queue.name.clone()).ok()?,
+    })
 }
 
 fn logged_queue(key: &QueueKey) -> LoggedQueue {

@@ -12,8 +12,14 @@
 //! are live (below `storage.compact_live_fraction`), they are appended again to the newest
 //! segment first (compaction), then it is deleted.
 //!
+//! Segments also serve reads: a paged-out message is read back from its record's
+//! [`Location`]. A segment left by an earlier run is kept as it is (read-only, no writer) until
+//! reclaiming deletes it, so start-up never rewrites a backlog. A compacted message is only
+//! pointed at its new place once its new record is durable, and its old segment only goes
+//! after that.
+//!
 //! The record formats and the replay fold live in `shards::wal`; this module only decides which
-//! file a record goes to and when a file goes away.
+//! file a record goes to, when a file goes away, and reads records back.
 
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
@@ -21,22 +27,29 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use ahash::HashMap;
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
+use glommio::io::DmaFile;
 use log::{debug, warn};
 use roaring::RoaringTreemap;
+use shards::record::{self, RECORD_HEADER_BYTES};
 use shards::wal::{LoggedQueue, WalEntry};
-use shards::{Message, MessageId};
+use shards::{Location, Message, MessageId};
 
 use crate::runtime::log_file::LogWriter;
 
 /// Messages compacted per reclaim call at most: compaction is background work and must not
 /// stall the shard's message path.
 const COMPACT_MESSAGES_PER_CALL: usize = 4096;
+/// One read of paged-out records covers at most this many bytes.
+const READ_BYTES_MAX: u64 = 1 << 20;
 
 struct Segment {
     generation: u64,
     path: PathBuf,
-    writer: Rc<LogWriter>,
+    /// None for a segment an earlier run wrote: it is only read, never appended to.
+    writer: Option<Rc<LogWriter>>,
+    /// Opened on the first read.
+    reader: Option<Rc<DmaFile>>,
     bytes: u64,
     live: HashMap<LoggedQueue, RoaringTreemap>,
     live_count: u64,
@@ -48,13 +61,50 @@ impl Segment {
         Segment {
             generation,
             path,
-            writer,
+            writer: Some(writer),
+            reader: None,
             bytes: 0,
             live: HashMap::default(),
             live_count: 0,
             enqueued_count: 0,
         }
     }
+}
+
+/// A segment an earlier run left, as replay found it.
+pub struct RetainedSegment {
+    pub generation: u64,
+    pub path: PathBuf,
+    /// Bytes of intact records.
+    pub bytes: u64,
+    /// Enqueue records it holds.
+    pub enqueued_count: u64,
+    /// Live messages whose (latest) Enqueue record it holds.
+    pub live: HashMap<LoggedQueue, RoaringTreemap>,
+}
+
+/// What was appended: the log to wait on for durability, and where the record lies.
+pub struct Appended {
+    pub writer: Rc<LogWriter>,
+    pub location: Location,
+}
+
+/// A live message as compaction sees it.
+pub struct LiveMessage {
+    /// The body, unless it is paged out.
+    pub message: Option<Message>,
+    /// Where its record lies.
+    pub location: Option<Location>,
+    /// Delivered before.
+    pub delivered: bool,
+}
+
+/// What compaction needs from the shard's queues.
+pub trait CompactionHost {
+    /// A live message; None if the queue no longer has it.
+    fn find(&self, queue: &LoggedQueue, id: MessageId) -> Option<LiveMessage>;
+    /// The message's record now lies at `location`.
+    fn relocate(&self, queue: &LoggedQueue, id: MessageId, location: Location);
 }
 
 pub struct SegmentedWal {
@@ -65,6 +115,8 @@ pub struct SegmentedWal {
     next_generation: Cell<u64>,
     spare: RefCell<Option<(u64, PathBuf, Rc<LogWriter>)>>,
     creating_spare: Cell<bool>,
+    /// A clean shutdown is under way: reclaiming appends nothing more.
+    closing: Cell<bool>,
 }
 
 /// Runs `callback(ok)` once everything appended so far to each of `writers` is durable (`ok`:
@@ -91,21 +143,35 @@ pub fn after_synced(writers: Vec<Rc<LogWriter>>, callback: impl FnOnce(bool) + '
     }
 }
 
-fn segment_path(dir: &Path, generation: u64) -> PathBuf {
+pub fn segment_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("wal-{generation:016}.log"))
 }
 
 impl SegmentedWal {
-    /// Creates the first segment, `wal-<generation>.log`, in `dir`.
-    pub async fn create(
+    /// Opens the log: the segments an earlier run left (oldest first), then a new segment,
+    /// `wal-<generation>.log`, that takes every append from here on.
+    pub async fn open(
         dir: &Path,
+        retained: Vec<RetainedSegment>,
         generation: u64,
         segment_bytes_max: u64,
         compact_live_fraction: f64,
     ) -> std::io::Result<Rc<SegmentedWal>> {
         let path = segment_path(dir, generation);
         let writer = LogWriter::create(&path).await?;
-        let mut segments = VecDeque::new();
+        let mut segments: VecDeque<Segment> = retained
+            .into_iter()
+            .map(|r| Segment {
+                generation: r.generation,
+                path: r.path,
+                writer: None,
+                reader: None,
+                bytes: r.bytes,
+                live_count: r.live.values().map(RoaringTreemap::len).sum(),
+                live: r.live,
+                enqueued_count: r.enqueued_count,
+            })
+            .collect();
         segments.push_back(Segment::new(generation, path, writer));
         Ok(Rc::new(SegmentedWal {
             dir: dir.to_path_buf(),
@@ -115,7 +181,14 @@ impl SegmentedWal {
             next_generation: Cell::new(generation + 1),
             spare: RefCell::new(None),
             creating_spare: Cell::new(false),
+            closing: Cell::new(false),
         }))
+    }
+
+    /// Stops reclaiming for good (the shard is about to log its clean shutdown, which must be
+    /// the last record).
+    pub fn begin_close(&self) {
+        self.closing.set(true);
     }
 
     /// Segment files in use.
@@ -123,22 +196,32 @@ impl SegmentedWal {
         self.segments.borrow().len()
     }
 
-    /// Appends one entry; returns the log that holds it (wait on that one for durability).
-    pub fn append(self: &Rc<Self>, entry: &WalEntry) -> Rc<LogWriter> {
+    /// Appends one entry; returns the log that holds it (wait on that one for durability) and
+    /// where the record lies.
+    pub fn append(self: &Rc<Self>, entry: &WalEntry) -> Appended {
         let mut payload = BytesMut::new();
         let kind = entry.encode(&mut payload);
-        let writer = {
+        let appended = {
             let mut segments = self.segments.borrow_mut();
             let Some(active) = segments.back_mut() else {
                 unreachable!("a log always has an active segment");
             };
-            active.writer.append(kind, &payload);
-            active.bytes += (payload.len() + shards::record::RECORD_HEADER_BYTES) as u64;
-            active.writer.clone()
+            let Some(writer) = active.writer.clone() else {
+                unreachable!("the newest segment always has a writer");
+            };
+            writer.append(kind, &payload);
+            let len = payload.len() + RECORD_HEADER_BYTES;
+            let location = Location {
+                segment: generation_tag(active.generation),
+                len: u32::try_from(len).unwrap_or(u32::MAX),
+                offset: active.bytes,
+            };
+            active.bytes += len as u64;
+            Appended { writer, location }
         };
         self.account(entry);
         self.maybe_roll();
-        writer
+        appended
     }
 
     /// Runs `callback(ok)` once everything appended so far, in every segment, is durable.
@@ -147,9 +230,101 @@ impl SegmentedWal {
             .segments
             .borrow()
             .iter()
-            .map(|s| s.writer.clone())
+            .filter_map(|s| s.writer.clone())
             .collect();
         after_synced(writers, callback);
+    }
+
+    /// Whether the record at `location` is on disk (a message may be paged out only then).
+    pub fn is_durable(&self, location: &Location) -> bool {
+        let segments = self.segments.borrow();
+        let Some(segment) = find_segment(&segments, location.segment) else {
+            return false;
+        };
+        segment
+            .writer
+            .as_ref()
+            .is_none_or(|writer| location.end() <= writer.synced_bytes())
+    }
+
+    /// Reads messages back from their Enqueue records, in the order given; None for a record
+    /// that cannot be read or does not check out (a missing file, a bad checksum).
+    pub async fn read(&self, locations: &[Location]) -> Vec<Option<Message>> {
+        let mut out = Vec::with_capacity(locations.len());
+        let mut start = 0;
+        while start < locations.len() {
+            // A run of records that lie back to back in one segment: one read.
+            let first = locations[start];
+            let mut end = start + 1;
+            while end < locations.len()
+                && locations[end].segment == first.segment
+                && locations[end].offset == locations[end - 1].end()
+                && locations[end].end() - first.offset <= READ_BYTES_MAX
+            {
+                end += 1;
+            }
+            let run = &locations[start..end];
+            let span = run[run.len() - 1].end() - first.offset;
+            match self.read_span(first.segment, first.offset, span).await {
+                Some(image) => {
+                    for location in run {
+                        let from = (location.offset - first.offset) as usize;
+                        let to = from + location.len as usize;
+                        out.push(if to <= image.len() {
+                            decode_message(image.slice(from..to))
+                        } else {
+                            None
+                        });
+                    }
+                }
+                None => out.extend(run.iter().map(|_| None)),
+            }
+            start = end;
+        }
+        out
+    }
+
+    async fn read_span(&self, segment: u32, offset: u64, len: u64) -> Option<Bytes> {
+        let (reader, path) = {
+            let segments = self.segments.borrow();
+            let found = find_segment(&segments, segment)?;
+            (found.reader.clone(), found.path.clone())
+        };
+        let reader = match reader {
+            Some(reader) => reader,
+            None => {
+                let opened = match DmaFile::open(&path).await {
+                    Ok(file) => Rc::new(file),
+                    Err(e) => {
+                        warn!("cannot open log segment {}: {e}", path.display());
+                        return None;
+                    }
+                };
+                let mut segments = self.segments.borrow_mut();
+                if let Some(found) = find_segment_mut(&mut segments, segment) {
+                    found.reader = Some(opened.clone());
+                }
+                opened
+            }
+        };
+        match reader.read_at(offset, len as usize).await {
+            Ok(result) if result.len() as u64 == len => Some(Bytes::copy_from_slice(&result)),
+            Ok(result) => {
+                warn!(
+                    "log segment {}: short read at {offset}: {} of {len} bytes",
+                    path.display(),
+                    result.len()
+                );
+                None
+            }
+            Err(e) => {
+                warn!(
+                    "log segment {}: read at {offset} failed: {e}",
+                    path.display()
+                );
+                None
+            }
+        }
     }
 
     fn account(&self, entry: &WalEntry) {
@@ -216,14 +391,13 @@ impl SegmentedWal {
     }
 
     /// Deletes the oldest segments that hold nothing live, compacting the oldest one first when
-    /// little of it is live. `message` finds a live message (and whether it was delivered) in
-    /// the shard's queues.
-    pub async fn reclaim(
-        self: &Rc<Self>,
-        message: impl Fn(&LoggedQueue, MessageId) -> Option<(Message, bool)>,
-    ) {
+    /// little of it is live.
+    pub async fn reclaim(self: &Rc<Self>, host: &dyn CompactionHost) {
         let mut budget = COMPACT_MESSAGES_PER_CALL;
         loop {
+            if self.closing.get() {
+                return;
+            }
             let (live_count, enqueued_count, count) = {
                 let segments = self.segments.borrow();
                 let Some(head) = segments.front() else { return };
@@ -239,7 +413,7 @@ impl SegmentedWal {
                 if fraction >= self.compact_live_fraction || count < 3 || budget == 0 {
                     return;
                 }
-                budget = budget.saturating_sub(self.compact_head(&message, budget));
+                budget = budget.saturating_sub(self.compact_head(host, budget).await);
                 let still_live = self.segments.borrow().front().map_or(0, |h| h.live_count);
                 if still_live > 0 {
                     return;
@@ -248,7 +422,9 @@ impl SegmentedWal {
             let Some(head) = self.segments.borrow_mut().pop_front() else {
                 return;
             };
-            head.writer.close();
+            if let Some(writer) = &head.writer {
+                writer.close();
+            }
             if let Err(e) = glommio::io::remove(&head.path).await {
                 warn!("cannot remove log segment {}: {e}", head.path.display());
             } else {
@@ -261,55 +437,130 @@ impl SegmentedWal {
         }
     }
 
-    /// Appends the head segment's live messages again to the active one; returns how many.
-    fn compact_head(
-        self: &Rc<Self>,
-        message: &impl Fn(&LoggedQueue, MessageId) -> Option<(Message, bool)>,
-        budget: usize,
-    ) -> usize {
-        let live: Vec<(LoggedQueue, MessageId)> = {
+    /// Logs the head segment's live messages again in the active one (reading back those that
+    /// are paged out); once the copies are durable, points the queues at them and forgets them
+    /// in the head. Returns how many it moved.
+    async fn compact_head(self: &Rc<Self>, host: &dyn CompactionHost, budget: usize) -> usize {
+        let (head_generation, live) = {
             let segments = self.segments.borrow();
             let Some(head) = segments.front() else {
                 return 0;
             };
-            head.live
+            let live: Vec<(LoggedQueue, MessageId)> = head
+                .live
                 .iter()
                 .flat_map(|(queue, ids)| ids.iter().map(move |id| (queue.clone(), id)))
                 .take(budget)
-                .collect()
+                .collect();
+            (head.generation, live)
         };
-        let mut moved = 0;
-        for (queue, id) in live {
-            let Some((found, delivered)) = message(&queue, id) else {
-                // Not in memory: the queue dropped it; settle it here.
-                self.forget_in_head(&queue, id);
+        // Bodies of paged-out messages, read from the head itself.
+        let mut paged: Vec<(usize, Location)> = Vec::new();
+        for (index, (queue, id)) in live.iter().enumerate() {
+            if let Some(LiveMessage {
+                message: None,
+                location: Some(location),
+                ..
+            }) = host.find(queue, *id)
+            {
+                paged.push((index, location));
+            }
+        }
+        let locations: Vec<Location> = paged.iter().map(|(_, l)| *l).collect();
+        let read = self.read(&locations).await;
+        if self.closing.get() {
+            return 0;
+        }
+        let mut bodies: HashMap<usize, Message> = HashMap::default();
+        for ((index, _), message) in paged.into_iter().zip(read) {
+            if let Some(message) = message {
+                bodies.insert(index, message);
+            }
+        }
+        let mut moved = Vec::new();
+        for (index, (queue, id)) in live.into_iter().enumerate() {
+            let Some(found) = host.find(&queue, id) else {
+                // The queue dropped it: settle it here.
+                self.forget(head_generation, &queue, id);
                 continue;
             };
-            self.forget_in_head(&queue, id);
-            self.append(&WalEntry::Enqueue {
+            let delivered = found.delivered;
+            let Some(message) = found.message.or_else(|| bodies.remove(&index)) else {
+                warn!("log segment {head_generation}: message {id} could not be read back for compaction");
+                continue;
+            };
+            let appended = self.append(&WalEntry::Enqueue {
                 queue: queue.clone(),
                 id,
-                message: found,
+                message,
             });
             if delivered {
                 self.append(&WalEntry::Delivered {
-                    queue,
+                    queue: queue.clone(),
                     ids: vec![id],
                 });
             }
-            moved += 1;
+            moved.push((queue, id, appended.location));
         }
-        moved
-    }
-
-    fn forget_in_head(&self, queue: &LoggedQueue, id: MessageId) {
-        let mut segments = self.segments.borrow_mut();
-        if let Some(head) = segments.front_mut() {
-            if let Some(live) = head.live.get_mut(queue) {
-                if live.remove(id) {
-                    head.live_count -= 1;
-                }
+        if moved.is_empty() {
+            return 0;
+        }
+        let (sender, receiver) = super::oneshot::channel();
+        self.after_all_synced(move |ok| sender.send(ok));
+        if receiver.await != Some(true) {
+            return 0;
+        }
+        let count = moved.len();
+        for (queue, id, location) in moved {
+            self.forget(head_generation, &queue, id);
+            if host.find(&queue, id).is_some() {
+                host.relocate(&queue, id, location);
+            } else {
+                // Settled while the copy was written: the settle counted against the head.
+                self.forget(u64::from(location.segment), &queue, id);
             }
         }
+        count
+    }
+
+    fn forget(&self, generation: u64, queue: &LoggedQueue, id: MessageId) {
+        let mut segments = self.segments.borrow_mut();
+        let Some(segment) = segments.iter_mut().find(|s| s.generation == generation) else {
+            return;
+        };
+        if let Some(live) = segment.live.get_mut(queue) {
+            if live.remove(id) {
+                segment.live_count -= 1;
+            }
+        }
+    }
+}
+
+/// Segment generations as locations carry them (32 bits: four billion segments per data dir).
+fn generation_tag(generation: u64) -> u32 {
+    u32::try_from(generation).unwrap_or(u32::MAX)
+}
+
+fn find_segment(segments: &VecDeque<Segment>, tag: u32) -> Option<&Segment> {
+    let index = segments
+        .binary_search_by_key(&u64::from(tag), |s| s.generation)
+        .ok()?;
+    segments.get(index)
+}
+
+fn find_segment_mut(segments: &mut VecDeque<Segment>, tag: u32) -> Option<&mut Segment> {
+    let index = segments
+        .binary_search_by_key(&u64::from(tag), |s| s.generation)
+        .ok()?;
+    segments.get_mut(index)
+}
+
+/// The message of one Enqueue record read back; None if it does not check out.
+fn decode_message(bytes: Bytes) -> Option<Message> {
+    let replayed = record::replay(bytes);
+    let record = replayed.records.first()?;
+    match WalEntry::decode(record).ok()? {
+        WalEntry::Enqueue { message, .. } => Some(message),
+        _ => None,
     }
 }

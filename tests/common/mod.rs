@@ -417,3 +417,31 @@ pub async fn open_channel(
 /// Config for tests that want queues spread over the shards (so that publisher, consumer and
 /// queue owner sit on different cores).
 pub const BALANCED: &str = "[queues]\nplacement = \"balanced\"\n";
+
+/// `BALANCED` with a memory budget of a few messages, so that persistent messages on durable
+/// queues are paged out almost at once and read back from the log when delivered.
+pub const BALANCED_PAGING: &str =
+    "[queues]\nplacement = \"balanced\"\nmemory_budget_bytes = 8192\n";
+
+/// Resident memory of a process in bytes (Linux /proc).
+pub fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kib| kib * 1024)
+}
+
+/// Bytes of every shard's write-ahead log segments under a data directory.
+pub fn log_bytes(data: &std::path::Path) -> u64 {
+    let mut total = 0;
+    for shard in std::fs::read_dir(data).unwrap().flatten() {
+        if shard.file_name().to_string_lossy().starts_with("shard-") {
+            for file in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                total += file.metadata().unwrap().len();
+            }
+        }
+    }
+    total
+}
