@@ -122,9 +122,9 @@ pub struct Consumer {
     pub asked: bool,
 }
 
-/// A ready message, 32 bytes: its id with the redelivered flag packed into the top bit (ids
-/// never reach 2^63), its place in the log (`len == 0`: not logged), and the slab slot of its
-/// body (`PAGED`: not in memory).
+/// A ready message, 32 bytes: its id with the redelivered and persistent flags packed into the
+/// top bits (ids never reach 2^62), its place in the log (`len == 0`: not logged), and the slab
+/// slot of its body (`PAGED`: not in memory).
 #[derive(Debug, Clone)]
 struct Ready {
     tagged_id: u64,
@@ -133,7 +133,14 @@ struct Ready {
 }
 
 const REDELIVERED_BIT: u64 = 1 << 63;
+const PERSISTENT_BIT: u64 = 1 << 62;
+const ID_MASK: u64 = PERSISTENT_BIT - 1;
 const PAGED: u32 = u32::MAX;
+
+fn tag(id: MessageId, redelivered: bool, persistent: bool) -> u64 {
+    debug_assert!(id <= ID_MASK);
+    id | if redelivered { REDELIVERED_BIT } else { 0 } | if persistent { PERSISTENT_BIT } else { 0 }
+}
 const NOT_LOGGED: Location = Location {
     segment: 0,
     len: 0,
@@ -142,11 +149,15 @@ const NOT_LOGGED: Location = Location {
 
 impl Ready {
     fn id(&self) -> MessageId {
-        self.tagged_id & !REDELIVERED_BIT
+        self.tagged_id & ID_MASK
     }
 
     fn redelivered(&self) -> bool {
         self.tagged_id & REDELIVERED_BIT != 0
+    }
+
+    fn persistent(&self) -> bool {
+        self.tagged_id & PERSISTENT_BIT != 0
     }
 
     fn is_paged(&self) -> bool {
@@ -173,6 +184,8 @@ pub struct Found<'a> {
     pub location: Option<Location>,
     /// Delivered before (unacked now, or requeued).
     pub delivered: bool,
+    /// delivery-mode 2.
+    pub persistent: bool,
 }
 
 /// One message handed to a consumer.
@@ -184,6 +197,8 @@ pub struct Delivery {
     pub redelivered: bool,
     /// The message left the queue for good (a no-ack consumer).
     pub no_ack: bool,
+    /// It has a record in the log (which a no-ack delivery settles).
+    pub logged: bool,
 }
 
 /// A message taken by basic.get.
@@ -194,6 +209,8 @@ pub struct Got {
     pub redelivered: bool,
     /// Ready messages left after this one.
     pub remaining: u32,
+    /// It has a record in the log.
+    pub logged: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -277,9 +294,10 @@ impl Queue {
     }
 
     fn push_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
+        let persistent = message.is_persistent();
         let slot = self.store(message);
         self.ready.push_back(Ready {
-            tagged_id: id,
+            tagged_id: tag(id, false, persistent),
             location: location.unwrap_or(NOT_LOGGED),
             slot,
         });
@@ -422,6 +440,7 @@ impl Queue {
                 id: ready.id(),
                 redelivered: ready.redelivered(),
                 no_ack: consumer.no_ack,
+                logged: ready.location.len != 0,
                 message,
             });
         }
@@ -456,18 +475,19 @@ impl Queue {
             redelivered: ready.redelivered(),
             message,
             remaining: self.message_count(),
+            logged: ready.location.len != 0,
         })
     }
 
-    /// Settles delivered messages for good; returns how many were unacked. The ids of the
-    /// persistent ones are added to `persistent` (they must be logged as settled).
-    pub fn ack(&mut self, ids: &[MessageId], persistent: &mut Vec<MessageId>) -> usize {
+    /// Settles delivered messages for good; returns how many were unacked. Those with a record
+    /// in the log are added to `logged` as (id, persistent): their records must be settled.
+    pub fn ack(&mut self, ids: &[MessageId], logged: &mut Vec<(MessageId, bool)>) -> usize {
         let mut settled = 0;
         for id in ids {
             if let Some(unacked) = self.unacked.remove(id) {
                 settled += 1;
-                if unacked.message.is_persistent() {
-                    persistent.push(*id);
+                if unacked.location.is_some() {
+                    logged.push((*id, unacked.message.is_persistent()));
                 }
             }
         }
@@ -482,7 +502,7 @@ impl Queue {
         self.next_id = self.next_id.max(id + 1);
         self.paged_count += 1;
         self.ready.push_back(Ready {
-            tagged_id: id | if redelivered { REDELIVERED_BIT } else { 0 },
+            tagged_id: tag(id, redelivered, true),
             location,
             slot: PAGED,
         });
@@ -534,17 +554,37 @@ impl Queue {
         true
     }
 
-    /// Drops a paged-out message whose record could not be read back.
-    pub fn drop_unreadable(&mut self, id: MessageId) -> bool {
-        let Some(position) = self.ready_position(id) else {
-            return false;
-        };
+    /// Drops a paged-out message whose record could not be read back; Some(persistent) if it
+    /// was there.
+    pub fn drop_unreadable(&mut self, id: MessageId) -> Option<bool> {
+        let position = self.ready_position(id)?;
         if !self.ready[position].is_paged() {
-            return false;
+            return None;
         }
-        self.ready.remove(position);
+        let ready = self.ready.remove(position)?;
         self.paged_count -= 1;
-        true
+        Some(ready.persistent())
+    }
+
+    /// In-memory ready messages with no record in the log, from the back (delivered last), up
+    /// to `bytes`, keeping the first `keep`: what to write out before paging them. Stops at the
+    /// first message already paged out.
+    pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, Message)> {
+        let mut out = Vec::new();
+        let mut total = 0;
+        for ready in self.ready.iter().skip(keep).rev() {
+            if total >= bytes || ready.is_paged() {
+                break;
+            }
+            if ready.location.len != 0 {
+                continue;
+            }
+            if let Some(message) = self.slab.get(ready.slot as usize).and_then(Option::as_ref) {
+                total += message.size_bytes();
+                out.push((ready.id(), message.clone()));
+            }
+        }
+        out
     }
 
     /// Pages out logged messages from the back of the queue (those delivered last) until
@@ -605,21 +645,11 @@ impl Queue {
         ids.extend(
             self.ready
                 .iter()
-                .filter(|r| r.redelivered() && self.is_persistent(r))
+                .filter(|r| r.redelivered() && r.persistent())
                 .map(Ready::id),
         );
         ids.sort_unstable();
         ids
-    }
-
-    fn is_persistent(&self, ready: &Ready) -> bool {
-        if ready.is_paged() {
-            return true;
-        }
-        self.slab
-            .get(ready.slot as usize)
-            .and_then(Option::as_ref)
-            .is_some_and(Message::is_persistent)
     }
 
     /// Puts delivered messages back where they were, marked redelivered.
@@ -648,11 +678,12 @@ impl Queue {
 
     fn insert_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
         let position = self.ready.partition_point(|r| r.id() < id);
+        let persistent = message.is_persistent();
         let slot = self.store(message);
         self.ready.insert(
             position,
             Ready {
-                tagged_id: id | REDELIVERED_BIT,
+                tagged_id: tag(id, true, persistent),
                 location: location.unwrap_or(NOT_LOGGED),
                 slot,
             },
@@ -666,6 +697,7 @@ impl Queue {
                 message: Some(&unacked.message),
                 location: unacked.location,
                 delivered: true,
+                persistent: unacked.message.is_persistent(),
             });
         }
         let ready = &self.ready[self.ready_position(id)?];
@@ -673,18 +705,19 @@ impl Queue {
             message: self.slab.get(ready.slot as usize).and_then(Option::as_ref),
             location: ready.location(),
             delivered: ready.redelivered(),
+            persistent: ready.persistent(),
         })
     }
 
-    /// Drops every ready message; returns how many. The ids of the persistent ones are added
-    /// to `persistent`.
-    pub fn purge(&mut self, persistent: &mut Vec<MessageId>) -> u32 {
+    /// Drops every ready message; returns how many. Those with a record in the log are added
+    /// to `logged` as (id, persistent).
+    pub fn purge(&mut self, logged: &mut Vec<(MessageId, bool)>) -> u32 {
         let count = self.message_count();
-        persistent.extend(
+        logged.extend(
             self.ready
                 .iter()
-                .filter(|r| self.is_persistent(r))
-                .map(Ready::id),
+                .filter(|r| r.location.len != 0)
+                .map(|r| (r.id(), r.persistent())),
         );
         self.ready.clear();
         self.slab = Vec::new();
@@ -991,6 +1024,35 @@ mod tests {
     }
 
     #[test]
+    fn unlogged_messages_are_written_out_from_the_back() {
+        let mut queue = Queue::new();
+        for i in 0..5 {
+            let location = (i == 3).then(|| location(i));
+            queue.publish(message(&i.to_string()), location);
+        }
+        let ids: Vec<u64> = queue
+            .unlogged_from_back(usize::MAX, 1)
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(ids, vec![4, 2, 1], "skips the logged one and the kept head");
+        assert_eq!(queue.unlogged_from_back(1, 1).len(), 1, "bounded by bytes");
+        for id in [4, 2, 1] {
+            assert!(queue.relocate(id, location(id)));
+        }
+        queue.page_out(usize::MAX, 1, |_| true);
+        assert_eq!(queue.paged_count(), 4);
+        let mut logged = Vec::new();
+        queue.purge(&mut logged);
+        assert_eq!(
+            logged,
+            vec![(1, false), (2, false), (3, false), (4, false)],
+            "transient copies are reported as logged, not persistent"
+        );
+        queue.check_invariants();
+    }
+
+    #[test]
     fn recovered_messages_start_paged_and_requeues_keep_locations() {
         let mut queue = Queue::new();
         queue.restore(3, location(3), false);
@@ -1009,7 +1071,7 @@ mod tests {
         assert!(found.delivered && found.message.is_some());
         assert!(queue.find(8).unwrap().message.is_none(), "still paged");
         assert_eq!(queue.delivered_persistent_ids(), vec![8]);
-        assert!(queue.drop_unreadable(8));
+        assert_eq!(queue.drop_unreadable(8), Some(true));
         assert_eq!(queue.message_count(), 1);
         let mut persistent = Vec::new();
         assert_eq!(queue.purge(&mut persistent), 1);

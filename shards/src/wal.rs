@@ -11,6 +11,10 @@
 //! | 3    | Delivered  | queue, u32 count, count × u64 id                     |
 //! | 4    | DeleteQueue| queue                                                |
 //! | 5    | CleanShutdown | (empty)                                           |
+//! | 6    | PagedOut   | as Enqueue                                           |
+//!
+//! PagedOut holds a message that is not durable (transient, or on a non-durable queue) written
+//! out only to free memory: the queue reads it back from there, replay ignores it.
 //!
 //! A log whose last record is CleanShutdown was closed by a graceful shutdown, with every
 //! Delivered mark on disk. Any other log ends in a crash, and then every recovered message comes
@@ -36,6 +40,7 @@ pub const KIND_SETTLE: u8 = 2;
 pub const KIND_DELIVERED: u8 = 3;
 pub const KIND_DELETE_QUEUE: u8 = 4;
 pub const KIND_CLEAN_SHUTDOWN: u8 = 5;
+pub const KIND_PAGED_OUT: u8 = 6;
 
 /// A queue, named within its vhost, as the log names it.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -63,6 +68,11 @@ pub enum WalEntry {
         queue: LoggedQueue,
     },
     CleanShutdown,
+    PagedOut {
+        queue: LoggedQueue,
+        id: MessageId,
+        message: Message,
+    },
 }
 
 fn put_queue(out: &mut BytesMut, queue: &LoggedQueue) {
@@ -96,12 +106,17 @@ impl WalEntry {
     /// The record kind and payload.
     pub fn encode(&self, payload: &mut BytesMut) -> u8 {
         match self {
-            WalEntry::Enqueue { queue, id, message } => {
+            WalEntry::Enqueue { queue, id, message }
+            | WalEntry::PagedOut { queue, id, message } => {
                 put_queue(payload, queue);
                 payload.put_u64_le(*id);
                 put_long(payload, message.envelope());
                 put_long(payload, message.body());
-                KIND_ENQUEUE
+                if matches!(self, WalEntry::Enqueue { .. }) {
+                    KIND_ENQUEUE
+                } else {
+                    KIND_PAGED_OUT
+                }
             }
             WalEntry::Settle { queue, ids } => {
                 put_queue(payload, queue);
@@ -132,12 +147,16 @@ impl WalEntry {
         let mut reader = PayloadReader::new(record.payload.clone());
         let queue = read_queue(&mut reader)?;
         let entry = match record.kind {
-            KIND_ENQUEUE => {
+            KIND_ENQUEUE | KIND_PAGED_OUT => {
                 let id = reader.u64()?;
                 let envelope = reader.long()?;
                 let body = reader.long()?;
                 let message = Message::from_parts(envelope, body).ok_or(Malformed("envelope"))?;
-                WalEntry::Enqueue { queue, id, message }
+                if record.kind == KIND_ENQUEUE {
+                    WalEntry::Enqueue { queue, id, message }
+                } else {
+                    WalEntry::PagedOut { queue, id, message }
+                }
             }
             KIND_SETTLE => WalEntry::Settle {
                 queue,
@@ -234,7 +253,8 @@ impl Recovery {
             WalEntry::DeleteQueue { queue } => {
                 self.queues.insert(queue.clone(), QueueFold::default());
             }
-            WalEntry::CleanShutdown => {}
+            // Not durable: only a place to read a body back from while the broker ran.
+            WalEntry::CleanShutdown | WalEntry::PagedOut { .. } => {}
         }
     }
 
@@ -361,9 +381,19 @@ mod tests {
                 ids: vec![1],
             },
             WalEntry::DeleteQueue { queue: queue("b") },
+            WalEntry::PagedOut {
+                queue: queue("t"),
+                id: 3,
+                message: message("transient"),
+            },
             WalEntry::CleanShutdown,
         ];
         assert_eq!(read_back(log(&entries)), entries);
+        let folded = fold(located(entries));
+        assert!(
+            !folded.contains_key(&queue("t")),
+            "paged-out copies are not replayed"
+        );
     }
 
     #[test]

@@ -485,24 +485,19 @@ impl ShardBroker {
                 ids,
                 requeue,
             } => {
-                let mut persistent = Vec::new();
+                let mut logged = Vec::new();
                 let durable = match self.queues.borrow_mut().get_mut(&queue) {
                     Some(owned) => {
                         if requeue {
                             owned.queue.requeue(&ids);
                         } else {
-                            owned.queue.ack(&ids, &mut persistent);
+                            owned.queue.ack(&ids, &mut logged);
                         }
                         owned.durable
                     }
                     None => false,
                 };
-                if durable && !persistent.is_empty() {
-                    self.log(WalEntry::Settle {
-                        queue: logged_queue(&queue),
-                        ids: persistent,
-                    });
-                }
+                self.settle_logged(&queue, durable, logged);
                 if requeue {
                     self.dispatch(&queue);
                 }
@@ -540,26 +535,23 @@ impl ShardBroker {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
                         let got = owned.queue.get(channel, no_ack);
-                        let log = got
+                        let logged = got
                             .as_ref()
-                            .filter(|g| owned.durable && g.message.is_persistent());
-                        Ok((got.clone(), log.map(|g| g.id)))
+                            .filter(|g| g.logged)
+                            .map(|g| (g.id, g.message.is_persistent()));
+                        Ok((got, logged, owned.durable))
                     }
                 };
-                let result = result.map(|(got, logged_id)| {
-                    if let Some(id) = logged_id {
-                        let entry = if no_ack {
-                            WalEntry::Settle {
+                let result = result.map(|(got, logged, durable)| {
+                    if let Some((id, persistent)) = logged {
+                        if no_ack {
+                            self.settle_logged(&queue, durable, vec![(id, persistent)]);
+                        } else if durable && persistent {
+                            self.log(WalEntry::Delivered {
                                 queue: logged_queue(&queue),
                                 ids: vec![id],
-                            }
-                        } else {
-                            WalEntry::Delivered {
-                                queue: logged_queue(&queue),
-                                ids: vec![id],
-                            }
-                        };
-                        self.log(entry);
+                            });
+                        }
                     }
                     got
                 });
@@ -572,23 +564,16 @@ impl ShardBroker {
                 );
             }
             ShardMessage::Purge { token, queue } => {
-                let mut persistent = Vec::new();
+                let mut logged = Vec::new();
+                let mut durable = false;
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
-                        let count = owned.queue.purge(&mut persistent);
-                        if !owned.durable {
-                            persistent.clear();
-                        }
-                        Ok(count)
+                        durable = owned.durable;
+                        Ok(owned.queue.purge(&mut logged))
                     }
                 };
-                if !persistent.is_empty() {
-                    self.log(WalEntry::Settle {
-                        queue: logged_queue(&queue),
-                        ids: persistent,
-                    });
-                }
+                self.settle_logged(&queue, durable, logged);
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -700,11 +685,20 @@ impl ShardBroker {
         let mut deliveries: Vec<Delivery> = Vec::new();
         let mut wants = Vec::new();
         let mut page_in = false;
+        let mut durable = false;
         if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
             owned.queue.dispatch(&mut deliveries);
             owned.queue.credit_wanted(&mut wants);
             page_in = owned.queue.paged_count() > 0 && owned.queue.consumer_count() > 0;
+            durable = owned.durable;
         }
+        // No-ack deliveries left the queue for good: their records are settled now.
+        let gone: Vec<(MessageId, bool)> = deliveries
+            .iter()
+            .filter(|d| d.no_ack && d.logged)
+            .map(|d| (d.id, d.message.is_persistent()))
+            .collect();
+        self.settle_logged(key, durable, gone);
         if page_in {
             self.start_page_in(key);
         }
@@ -785,6 +779,9 @@ impl ShardBroker {
             self.log(WalEntry::DeleteQueue {
                 queue: logged_queue(key),
             });
+        } else if let Some(wal) = self.wal.borrow().as_ref() {
+            wal.forget_queue(&logged_queue(key));
+            self.schedule_reclaim();
         }
         for consumer in owned.queue.consumers() {
             self.post(
@@ -849,8 +846,10 @@ impl ShardBroker {
         Some(appended)
     }
 
-    /// Past the memory budget, pages out persistent messages of durable queues whose records
-    /// are durable, newest first, down to three quarters of the budget.
+    /// Past the memory budget, pages messages out, from the back of the queues (delivered last),
+    /// down to three quarters of the budget: first those whose records are durable already
+    /// (persistent messages on durable queues); if that is not enough, others are written out as
+    /// PagedOut records and paged once those are synced.
     fn maybe_page_out(self: &Rc<Self>) {
         let used = self.meter.bytes();
         if used <= self.memory_budget.max(self.page_out_floor.get()) {
@@ -861,24 +860,58 @@ impl ShardBroker {
         };
         let target = used - self.memory_budget / 4 * 3;
         let mut freed = 0;
-        for owned in self.queues.borrow_mut().values_mut() {
-            if !owned.durable || owned.queue.message_count() == 0 {
-                continue;
+        let mut to_write: Vec<(QueueKey, Vec<(MessageId, shards::Message)>)> = Vec::new();
+        {
+            let mut queues = self.queues.borrow_mut();
+            for owned in queues.values_mut() {
+                if freed >= target {
+                    break;
+                }
+                let keep = page_keep(owned);
+                freed += owned
+                    .queue
+                    .page_out(target - freed, keep, |l| wal.is_durable(l));
             }
-            let keep = if owned.queue.consumer_count() > 0 {
-                PAGE_IN_WINDOW
-            } else {
-                1
-            };
-            freed += owned
-                .queue
-                .page_out(target - freed, keep, |l| wal.is_durable(l));
-            if freed >= target {
-                break;
+            let mut wanted = target.saturating_sub(freed);
+            for (key, owned) in queues.iter() {
+                if wanted == 0 {
+                    break;
+                }
+                let batch = owned.queue.unlogged_from_back(wanted, page_keep(owned));
+                let bytes: usize = batch.iter().map(|(_, m)| m.size_bytes()).sum();
+                wanted = wanted.saturating_sub(bytes);
+                if !batch.is_empty() {
+                    to_write.push((key.clone(), batch));
+                }
             }
         }
-        // What is left cannot be paged now (transient, or not yet durable): try again only
-        // after memory grew by another eighth of the budget.
+        let writing = !to_write.is_empty();
+        for (key, batch) in to_write {
+            let queue = logged_queue(&key);
+            let mut placed = Vec::with_capacity(batch.len());
+            for (id, message) in batch {
+                let appended = wal.append(&WalEntry::PagedOut {
+                    queue: queue.clone(),
+                    id,
+                    message,
+                });
+                placed.push((id, appended.location));
+            }
+            if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
+                for (id, location) in placed {
+                    owned.queue.relocate(id, location);
+                }
+            }
+        }
+        if writing {
+            let shard = self.clone();
+            wal.after_all_synced(move |_| {
+                shard.page_out_floor.set(0);
+                shard.maybe_page_out();
+            });
+        }
+        // What is left cannot be paged now (not yet durable, or being written): try again only
+        // after memory grew by another eighth of the budget, or the writes are synced.
         let now = self.meter.bytes();
         self.page_out_floor.set(if now > self.memory_budget {
             now + self.memory_budget / 8
@@ -962,23 +995,56 @@ impl ShardBroker {
                             .queue
                             .find(id)
                             .is_some_and(|found| found.location != Some(location));
-                        if !moved && owned.queue.drop_unreadable(id) {
+                        let dropped = if moved {
+                            None
+                        } else {
+                            owned.queue.drop_unreadable(id)
+                        };
+                        if let Some(persistent) = dropped {
+                            lost.push((id, persistent));
                             error!(
                                 "{}: queue '{}': message {id} could not be read back from \
                                  log segment {} at offset {}; it is lost",
                                 self.id, key.name, location.segment, location.offset
                             );
-                            lost.push(id);
                         }
                     }
                 }
             }
         }
-        if !lost.is_empty() {
+        let durable = self.queues.borrow().get(key).is_some_and(|o| o.durable);
+        self.settle_logged(key, durable, lost);
+    }
+
+    /// Messages that left a queue for good, with records in the log: (id, persistent). On a
+    /// durable queue the persistent ones get a Settle record; the others only had PagedOut
+    /// copies, which replay ignores, so they are just forgotten.
+    fn settle_logged(
+        self: &Rc<Self>,
+        key: &QueueKey,
+        durable: bool,
+        logged: Vec<(MessageId, bool)>,
+    ) {
+        if logged.is_empty() {
+            return;
+        }
+        let (settled, copies): (Vec<_>, Vec<_>) = logged
+            .into_iter()
+            .partition(|(_, persistent)| durable && *persistent);
+        if !settled.is_empty() {
             self.log(WalEntry::Settle {
                 queue: logged_queue(key),
-                ids: lost,
+                ids: settled.into_iter().map(|(id, _)| id).collect(),
             });
+        }
+        if !copies.is_empty() {
+            if let Some(wal) = self.wal.borrow().as_ref() {
+                wal.forget_settled(
+                    &logged_queue(key),
+                    copies.into_iter().map(|(id, _)| id).collect(),
+                );
+            }
+            self.schedule_reclaim();
         }
     }
 
@@ -1074,7 +1140,10 @@ impl ShardBroker {
             for record in &replayed.records {
                 match WalEntry::decode(record) {
                     Ok(entry) => {
-                        enqueued_count += u64::from(matches!(entry, WalEntry::Enqueue { .. }));
+                        enqueued_count += u64::from(matches!(
+                            entry,
+                            WalEntry::Enqueue { .. } | WalEntry::PagedOut { .. }
+                        ));
                         let location = Location {
                             segment: tag,
                             len: (record.payload.len() + RECORD_HEADER_BYTES) as u32,
@@ -1260,15 +1329,27 @@ impl ShardBroker {
     }
 }
 
+/// Ready messages the pager leaves in memory at the head of a queue: a consumed queue keeps the
+/// window its deliveries come from; any other keeps its first message.
+fn page_keep(owned: &OwnedQueue) -> usize {
+    if owned.queue.consumer_count() > 0 {
+        PAGE_IN_WINDOW
+    } else {
+        1
+    }
+}
+
 impl CompactionHost for ShardBroker {
     fn find(&self, queue: &LoggedQueue, id: MessageId) -> Option<LiveMessage> {
         let key = queue_key(queue)?;
         let queues = self.queues.borrow();
         let found = queues.get(&key)?.queue.find(id)?;
+        let durable = queues.get(&key)?.durable && found.persistent;
         Some(LiveMessage {
             message: found.message.cloned(),
             location: found.location,
             delivered: found.delivered,
+            durable,
         })
     }
 

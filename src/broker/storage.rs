@@ -97,6 +97,8 @@ pub struct LiveMessage {
     pub location: Option<Location>,
     /// Delivered before.
     pub delivered: bool,
+    /// Logged as Enqueue (persistent on a durable queue), not as a PagedOut copy.
+    pub durable: bool,
 }
 
 /// What compaction needs from the shard's queues.
@@ -330,7 +332,7 @@ impl SegmentedWal {
     fn account(&self, entry: &WalEntry) {
         let mut segments = self.segments.borrow_mut();
         match entry {
-            WalEntry::Enqueue { queue, id, .. } => {
+            WalEntry::Enqueue { queue, id, .. } | WalEntry::PagedOut { queue, id, .. } => {
                 if let Some(active) = segments.back_mut() {
                     if active.live.entry(queue.clone()).or_default().insert(*id) {
                         active.live_count += 1;
@@ -359,6 +361,22 @@ impl SegmentedWal {
             }
             WalEntry::Delivered { .. } | WalEntry::CleanShutdown => {}
         }
+    }
+
+    /// Messages with PagedOut records left their queue: their records are dead now (no record
+    /// is written; replay ignores PagedOut records anyway).
+    pub fn forget_settled(&self, queue: &LoggedQueue, ids: Vec<MessageId>) {
+        self.account(&WalEntry::Settle {
+            queue: queue.clone(),
+            ids,
+        });
+    }
+
+    /// A queue without durable records was deleted: its PagedOut records are dead.
+    pub fn forget_queue(&self, queue: &LoggedQueue) {
+        self.account(&WalEntry::DeleteQueue {
+            queue: queue.clone(),
+        });
     }
 
     fn maybe_roll(self: &Rc<Self>) {
@@ -484,17 +502,25 @@ impl SegmentedWal {
                 self.forget(head_generation, &queue, id);
                 continue;
             };
-            let delivered = found.delivered;
+            let (delivered, durable) = (found.delivered, found.durable);
             let Some(message) = found.message.or_else(|| bodies.remove(&index)) else {
                 warn!("log segment {head_generation}: message {id} could not be read back for compaction");
                 continue;
             };
-            let appended = self.append(&WalEntry::Enqueue {
-                queue: queue.clone(),
-                id,
-                message,
-            });
-            if delivered {
+            let appended = if durable {
+                self.append(&WalEntry::Enqueue {
+                    queue: queue.clone(),
+                    id,
+                    message,
+                })
+            } else {
+                self.append(&WalEntry::PagedOut {
+                    queue: queue.clone(),
+                    id,
+                    message,
+                })
+            };
+            if delivered && durable {
                 self.append(&WalEntry::Delivered {
                     queue: queue.clone(),
                     ids: vec![id],
@@ -560,7 +586,7 @@ fn decode_message(bytes: Bytes) -> Option<Message> {
     let replayed = record::replay(bytes);
     let record = replayed.records.first()?;
     match WalEntry::decode(record).ok()? {
-        WalEntry::Enqueue { message, .. } => Some(message),
+        WalEntry::Enqueue { message, .. } | WalEntry::PagedOut { message, .. } => Some(message),
         _ => None,
     }
 }

@@ -26,6 +26,10 @@ use super::sync::Notify;
 
 type Callback = Box<dyn FnOnce(bool)>;
 
+/// Buffers that grew past this in a burst are given back once it is written: a shard keeps a
+/// writer per segment (tens of them), most of them idle after the log rolled on.
+const BUFFER_KEEP_BYTES: usize = 256 << 10;
+
 pub struct LogWriter {
     path: PathBuf,
     pending: RefCell<BytesMut>,
@@ -43,7 +47,7 @@ impl LogWriter {
         let file = DmaFile::create(path).await?;
         let log = Rc::new(LogWriter {
             path: path.to_path_buf(),
-            pending: RefCell::new(BytesMut::with_capacity(256 << 10)),
+            pending: RefCell::new(BytesMut::new()),
             callbacks: RefCell::new(Vec::new()),
             wake: Notify::default(),
             failed: Cell::new(false),
@@ -99,7 +103,14 @@ impl LogWriter {
                 self.wake.wait().await;
                 continue;
             }
-            tail.extend_from_slice(&self.pending.borrow_mut().split());
+            {
+                let mut pending = self.pending.borrow_mut();
+                tail.extend_from_slice(&pending.split());
+                // A burst (a slow sync under heavy appends) must not pin its buffer for good.
+                if pending.capacity() > BUFFER_KEEP_BYTES {
+                    *pending = BytesMut::new();
+                }
+            }
             let callbacks = std::mem::take(&mut *self.callbacks.borrow_mut());
             let result = async {
                 if !tail.is_empty() {
@@ -126,6 +137,9 @@ impl LogWriter {
                     self.synced_bytes.set(tail_offset + tail.len() as u64);
                     tail_offset += whole_blocks as u64;
                     let _ = tail.split_to(whole_blocks);
+                    if tail.capacity() > BUFFER_KEEP_BYTES {
+                        tail = BytesMut::from(&tail[..]);
+                    }
                     for callback in callbacks {
                         callback(true);
                     }
