@@ -41,6 +41,10 @@ use sync::Event;
 
 /// How long start-up waits for a shard to bind, join the mesh and answer pings.
 const START_TIMEOUT: Duration = Duration::from_secs(20);
+/// How long start-up waits for the shards to replay their logs: recovery reads every live
+/// segment (about 5 GB for 5,000,000 queued 1 KiB messages), which may take minutes on a slow
+/// disk, and must not be cut short.
+const RECOVERY_TIMEOUT: Duration = Duration::from_secs(3600);
 /// How often a shard looks at the process-wide shutdown flag.
 const SHUTDOWN_POLL: Duration = Duration::from_millis(50);
 
@@ -192,7 +196,7 @@ impl Broker {
             }
         }
         for _ in 0..shard_count {
-            match ready_rx.recv_timeout(START_TIMEOUT) {
+            match ready_rx.recv_timeout(RECOVERY_TIMEOUT) {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
                     broker.abort();
@@ -331,7 +335,8 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
     if let Err(e) = broker.open_storage(&config.data_dir, &metadata).await {
         return report(Err(e));
     }
-    match within(START_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
+    // Peers may still be replaying their logs.
+    match within(RECOVERY_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
         Some(Ok(())) => {}
         Some(Err(e)) => return report(Err(e)),
         None => return report(Err(format!("{shard}: peers did not answer pings"))),
