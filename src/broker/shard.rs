@@ -930,9 +930,7 @@ impl ShardBroker {
         if self.paging_in.borrow().contains(key) {
             return;
         }
-        let wanted = self.queues.borrow().get(key).map_or(Vec::new(), |owned| {
-            owned.queue.paged_window(PAGE_IN_WINDOW, PAGE_IN_BYTES_MAX)
-        });
+        let wanted = self.page_in_wanted(key);
         if wanted.is_empty() {
             return;
         }
@@ -964,13 +962,18 @@ impl ShardBroker {
                 glommio::timer::sleep(Duration::from_micros(200)).await;
                 continue;
             }
-            let wanted = self.queues.borrow().get(key).map_or(Vec::new(), |owned| {
-                owned.queue.paged_window(PAGE_IN_WINDOW, PAGE_IN_BYTES_MAX)
-            });
+            let wanted = self.page_in_wanted(key);
             self.paging_in.borrow_mut().insert(key.clone());
             self.page_in(key, wanted).await;
             self.paging_in.borrow_mut().remove(key);
         }
+    }
+
+    /// The paged-out messages at the head of `key` to read back next.
+    fn page_in_wanted(&self, key: &QueueKey) -> Vec<(MessageId, Location)> {
+        self.queues.borrow().get(key).map_or(Vec::new(), |owned| {
+            owned.queue.paged_window(PAGE_IN_WINDOW, PAGE_IN_BYTES_MAX)
+        })
     }
 
     async fn page_in(self: &Rc<Self>, key: &QueueKey, wanted: Vec<(MessageId, Location)>) {
