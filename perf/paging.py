@@ -27,20 +27,19 @@ import tempfile
 import threading
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import compare  # noqa: E402  (the same broker and /proc helpers)
-
-ROOT = compare.ROOT
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
+import brokers  # noqa: E402  (the same broker and /proc helpers as compare.py)
 
 
 def sampled(broker, run):
     """Runs `run()` while sampling the broker's RSS; returns (result, peak bytes)."""
-    peak = [compare.rss_bytes(broker.pids())]
+    peak = [brokers.rss_bytes(broker.pids())]
     done = threading.Event()
 
     def sample():
         while not done.is_set():
-            peak[0] = max(peak[0], compare.rss_bytes(broker.pids()))
+            peak[0] = max(peak[0], brokers.rss_bytes(broker.pids()))
             time.sleep(0.1)
 
     sampler = threading.Thread(target=sample)
@@ -68,7 +67,7 @@ def start(workdir, port):
     binary = os.path.join(ROOT, "target", "release", "shardmq")
     data = os.path.join(workdir, "shardmq-data")
     started = time.monotonic()
-    broker = compare.Broker("shardmq", [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", data,
+    broker = brokers.Broker("shardmq", [binary, "--listen", f"127.0.0.1:{port}", "--data-dir", data,
                                         "--log-level", "info"], dict(os.environ), port, workdir)
     # The port is bound before the shards recover; the broker says when it serves.
     log = os.path.join(workdir, "shardmq.log")
@@ -108,10 +107,10 @@ def main():
     mib = 2**20
     results = {"messages": n, "body_bytes": 1024}
     with tempfile.TemporaryDirectory(prefix="shardmq-paging-") as workdir:
-        port = compare.free_port()
+        port = brokers.free_port()
         broker, _ = start(workdir, port)
         try:
-            results["idle_rss_mib"] = round(compare.rss_bytes(broker.pids()) / mib, 1)
+            results["idle_rss_mib"] = round(brokers.rss_bytes(broker.pids()) / mib, 1)
             published, peak = sampled(broker, lambda: loadgen(port, [
                 "--consumers", "0", "--messages", str(n), "--confirm", "1000"]))
             results["publish_rate"] = round(published.get("send_rate", 0))
@@ -127,7 +126,7 @@ def main():
             # From the broker's first log line (process start) to "listening on".
             recovery = (serving - first_stamp(workdir)).total_seconds()
             results["recovery_seconds"] = round(recovery, 2)
-            results["recovered_rss_mib"] = round(compare.rss_bytes(broker.pids()) / mib, 1)
+            results["recovered_rss_mib"] = round(brokers.rss_bytes(broker.pids()) / mib, 1)
             print(f"recovered in {recovery:.2f} s; RSS {results['recovered_rss_mib']} MiB", flush=True)
             drained, peak = sampled(broker, lambda: loadgen(port, [
                 "--producers", "0", "--consume-limit", str(n), "--prefetch", "1000",

@@ -83,6 +83,7 @@ pub struct ConnectionConfig {
     pub outbound_buffer_bytes_max: usize,
     pub read_chunk_bytes: usize,
     pub message_bytes_max: u64,
+    pub max_connections: usize,
 }
 
 /// Values given on the command line; `None` keeps the file's value.

@@ -107,8 +107,12 @@ pub enum FrameError {
     TableTooDeep,
     /// A class/method pair that is not in the protocol.
     UnknownMethod { class_id: u16, method_id: u16 },
-    /// A content header for a class that has no content (only basic has).
-    UnknownContentClass { class_id: u16 },
+    /// A known method whose arguments do not decode; `cause` says which field failed.
+    BadArguments {
+        class_id: u16,
+        method_id: u16,
+        cause: Box<FrameError>,
+    },
 }
 
 impl FrameError {
@@ -118,11 +122,12 @@ impl FrameError {
             | FrameError::UnknownFrameType { .. }
             | FrameError::FrameTooLarge { .. }
             | FrameError::PayloadSize { .. }
-            | FrameError::HeartbeatOnChannel { .. } => ReplyCode::FrameError,
+            | FrameError::BadArguments { .. } => ReplyCode::FrameError,
+            // RabbitMQ's answer; the frame itself decoded, it is just not allowed there.
+            FrameError::HeartbeatOnChannel { .. } => ReplyCode::UnexpectedFrame,
             FrameError::Syntax { .. }
             | FrameError::UnknownFieldType { .. }
-            | FrameError::TableTooDeep
-            | FrameError::UnknownContentClass { .. } => ReplyCode::SyntaxError,
+            | FrameError::TableTooDeep => ReplyCode::SyntaxError,
             FrameError::UnknownMethod { .. } => ReplyCode::NotImplemented,
         }
     }
@@ -159,12 +164,14 @@ impl fmt::Display for FrameError {
                 class_id,
                 method_id,
             } => write!(f, "unknown method {class_id}.{method_id}"),
-            FrameError::UnknownContentClass { class_id } => {
-                write!(
-                    f,
-                    "content header for class {class_id}, which has no content"
-                )
-            }
+            FrameError::BadArguments {
+                class_id,
+                method_id,
+                cause,
+            } => write!(
+                f,
+                "cannot decode the arguments of method {class_id}.{method_id}: {cause}"
+            ),
         }
     }
 }

@@ -173,11 +173,20 @@ fn decode_method_payload(channel: u16, payload: &Bytes) -> Result<Frame, FrameEr
     let mut reader = Reader::new(payload);
     let class_id = reader.short()?;
     let method_id = reader.short()?;
-    let method = Method::decode_arguments(class_id, method_id, &mut reader)?;
+    let bad_arguments = |cause: FrameError| FrameError::BadArguments {
+        class_id,
+        method_id,
+        cause: Box::new(cause),
+    };
+    let method = match Method::decode_arguments(class_id, method_id, &mut reader) {
+        Ok(method) => method,
+        Err(unknown @ FrameError::UnknownMethod { .. }) => return Err(unknown),
+        Err(cause) => return Err(bad_arguments(cause)),
+    };
     if reader.remaining() != 0 {
-        return Err(FrameError::PayloadSize {
+        return Err(bad_arguments(FrameError::PayloadSize {
             what: "method frame longer than its arguments",
-        });
+        }));
     }
     Ok(Frame::Method { channel, method })
 }
@@ -193,11 +202,14 @@ fn decode_header_payload(channel: u16, payload: &Bytes) -> Result<Frame, FrameEr
     let class_id = reader.short()?;
     let _weight = reader.short()?;
     let body_size = reader.longlong()?;
-    if class_id != BASIC_CLASS_ID {
-        return Err(FrameError::UnknownContentClass { class_id });
-    }
     let raw_properties = reader.rest();
-    let properties = BasicProperties::decode(&raw_properties)?;
+    // Only basic has content. Another class is handed on with no properties: the connection
+    // refuses it against the publish it should belong to (505, as RabbitMQ answers).
+    let properties = if class_id == BASIC_CLASS_ID {
+        BasicProperties::decode(&raw_properties)?
+    } else {
+        BasicProperties::default()
+    };
     Ok(Frame::Header {
         channel,
         header: ContentHeader {
@@ -371,7 +383,7 @@ mod tests {
     }
 
     #[test]
-    fn truncated_arguments_are_a_syntax_error() {
+    fn truncated_arguments_are_a_frame_error_naming_the_method() {
         // queue.declare with only the reserved short.
         let payload = [0u8, 50, 0, 10, 0, 0];
         let mut out = BytesMut::new();
@@ -380,7 +392,17 @@ mod tests {
         out.put_u32(payload.len() as u32);
         out.put_slice(&payload);
         out.put_u8(FRAME_END);
-        assert_eq!(decode_all(&out, 4096).unwrap_err().reply_code().code(), 502);
+        let error = decode_all(&out, 4096).unwrap_err();
+        // RabbitMQ answers undecodable arguments with 501 and names the method.
+        assert_eq!(error.reply_code().code(), 501);
+        assert!(matches!(
+            error,
+            FrameError::BadArguments {
+                class_id: 50,
+                method_id: 10,
+                ..
+            }
+        ));
     }
 
     #[test]

@@ -54,6 +54,11 @@ impl AmqpError {
         if let FrameError::UnknownMethod {
             class_id,
             method_id,
+        }
+        | FrameError::BadArguments {
+            class_id,
+            method_id,
+            ..
         } = *error
         {
             amqp.class_id = class_id;

@@ -27,6 +27,8 @@
 
 use std::net::SocketAddr;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
 use log::{debug, info, warn};
@@ -48,15 +50,42 @@ pub struct ConnectionSettings {
     pub directory: Directory,
     pub limits: ConnectionConfig,
     pub server_properties: FieldTable,
+    /// Open connections of the whole broker, shared by every shard: the one counter
+    /// `max_connections` needs. Touched once per connection.open and once per close, never per
+    /// message.
+    pub open_connections: Arc<AtomicUsize>,
 }
 
 impl ConnectionSettings {
-    pub fn new(directory: Directory, limits: ConnectionConfig) -> ConnectionSettings {
+    pub fn new(
+        directory: Directory,
+        limits: ConnectionConfig,
+        open_connections: Arc<AtomicUsize>,
+    ) -> ConnectionSettings {
         ConnectionSettings {
             directory,
             limits,
             server_properties: server_properties(),
+            open_connections,
         }
+    }
+
+    /// Counts one more open connection, unless that would pass `max_connections`.
+    fn take_connection_slot(&self) -> Option<ConnectionSlot> {
+        let max = self.limits.max_connections;
+        let previous = self.open_connections.fetch_add(1, Ordering::Relaxed);
+        let slot = ConnectionSlot(self.open_connections.clone());
+        (max == 0 || previous < max).then_some(slot)
+    }
+}
+
+/// One connection counted in [`ConnectionSettings::open_connections`]; uncounted on drop.
+#[derive(Debug)]
+struct ConnectionSlot(Arc<AtomicUsize>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -284,6 +313,8 @@ pub struct ConnectionMachine {
     vhost: Option<String>,
     client: ClientInfo,
     outbound: BytesMut,
+    /// Held from connection.open-ok until the machine is dropped.
+    slot: Option<ConnectionSlot>,
 }
 
 impl ConnectionMachine {
@@ -303,6 +334,7 @@ impl ConnectionMachine {
             vhost: None,
             client: ClientInfo::default(),
             outbound: BytesMut::with_capacity(4096),
+            slot: None,
         }
     }
 
@@ -610,8 +642,7 @@ impl ConnectionMachine {
                          For details see the broker logfile.",
                         start_ok.mechanism
                     ),
-                )
-                .caused_by(&Method::ConnectionStartOk(ConnectionStartOk::default())))
+                ))
             }
         }
     }
@@ -674,6 +705,17 @@ impl ConnectionMachine {
             )
             .caused_by(&cause));
         }
+        let Some(slot) = self.settings.take_connection_slot() else {
+            return Err(AmqpError::connection(
+                ReplyCode::NotAllowed,
+                format_args!(
+                    "connection refused: node connection limit ({}) is reached",
+                    self.settings.limits.max_connections
+                ),
+            )
+            .caused_by(&cause));
+        };
+        self.slot = Some(slot);
         self.send_method(0, &ConnectionOpenOk::default().into());
         self.phase = Phase::Open;
         info!(
@@ -745,6 +787,18 @@ impl ConnectionMachine {
                     "expected content body on channel {channel}, got a second content header"
                 ),
             ));
+        }
+        let expected_class = content.method.class_id();
+        if header.class_id != expected_class {
+            return Err(AmqpError::connection(
+                ReplyCode::UnexpectedFrame,
+                format_args!(
+                    "expected content header for class {expected_class} on channel {channel}, \
+                     got one for class {}",
+                    header.class_id
+                ),
+            )
+            .caused_by(&content.method));
         }
         if header.body_size > message_bytes_max {
             let error = AmqpError::channel(
@@ -844,6 +898,12 @@ impl ConnectionMachine {
                     }
                 }
             }
+            // Channel-level methods on channel 0 are a channel error in RabbitMQ.
+            other if other.class_id() != 10 => Err(AmqpError::connection(
+                ReplyCode::ChannelError,
+                format_args!("unexpected method {} on channel 0", other.name()),
+            )
+            .caused_by(&other)),
             other => Err(AmqpError::connection(
                 ReplyCode::CommandInvalid,
                 format_args!("unexpected method {} on channel 0", other.name()),
@@ -913,8 +973,10 @@ impl ConnectionMachine {
                 }
                 Ok(None)
             }
+            // Blames the publish being assembled, as RabbitMQ does.
             Some(ChannelState::Open {
-                content: Some(_), ..
+                content: Some(pending),
+                ..
             }) => Err(AmqpError::connection(
                 ReplyCode::UnexpectedFrame,
                 format_args!(
@@ -922,7 +984,7 @@ impl ConnectionMachine {
                     method.name()
                 ),
             )
-            .caused_by(&method)),
+            .caused_by(&pending.method)),
             Some(ChannelState::Open { .. }) => self.handle_channel_method(channel, method),
         }
     }

@@ -20,7 +20,7 @@ pub mod sync;
 use std::cell::{Cell, RefCell};
 use std::net::SocketAddr;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -109,6 +109,8 @@ struct ShardStart {
     bound: Option<mpsc::Sender<Result<SocketAddr, String>>>,
     ready: mpsc::Sender<Result<(), String>>,
     shutdown_requested: Arc<AtomicBool>,
+    /// Open connections over all shards, for `connection.max_connections`.
+    open_connections: Arc<AtomicUsize>,
 }
 
 impl Broker {
@@ -144,6 +146,7 @@ impl Broker {
         let metadata = Arc::new(metadata);
         let config = Arc::new(config.clone());
         let shutdown_requested = Arc::new(AtomicBool::new(false));
+        let open_connections = Arc::new(AtomicUsize::new(0));
         let mesh = MeshBuilder::full(shard_count, config.runtime.mesh_channel_capacity);
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut broker = Broker {
@@ -163,6 +166,7 @@ impl Broker {
                 bound: (index == 0).then_some(bound_tx),
                 ready: ready_tx.clone(),
                 shutdown_requested: shutdown_requested.clone(),
+                open_connections: open_connections.clone(),
             };
             let cpu = cpus[index % cpus.len().max(1)];
             let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
@@ -290,6 +294,7 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         bound,
         ready,
         shutdown_requested,
+        open_connections,
     } = start;
     let _exit_guard = ShardExitGuard {
         shard,
@@ -352,6 +357,7 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
         settings: Rc::new(ConnectionSettings::new(
             Directory::from_config(&config),
             config.connection.clone(),
+            open_connections,
         )),
         broker: broker.clone(),
         consumer_window: config.queues.consumer_window_messages,

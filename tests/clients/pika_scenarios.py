@@ -16,17 +16,8 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-VENV = os.path.join(ROOT, "target", "client-venv")
-
-
-def ensure_pika():
-    python = os.path.join(VENV, "bin", "python3")
-    if not os.path.exists(python):
-        subprocess.run([sys.executable, "-m", "venv", VENV], check=True)
-    check = subprocess.run([python, "-c", "import pika"], capture_output=True)
-    if check.returncode != 0:
-        subprocess.run([python, "-m", "pip", "install", "-q", "pika==1.3.2"], check=True)
-    return python
+sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
+import client_env  # noqa: E402
 
 
 def free_port():
@@ -182,10 +173,7 @@ def scenarios(pika, port):
 
 
 def main():
-    if os.environ.get("SHARDMQ_PIKA_CHILD") != "1":
-        python = ensure_pika()
-        env = dict(os.environ, SHARDMQ_PIKA_CHILD="1")
-        sys.exit(subprocess.run([python, __file__], env=env).returncode)
+    client_env.reexec_in_venv(["pika==1.3.2"])
     import pika
     passed = failed = 0
     with tempfile.TemporaryDirectory() as data_dir:

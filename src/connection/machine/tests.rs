@@ -23,9 +23,16 @@ impl Harness {
     }
 
     fn from_peer(peer: &str) -> Harness {
+        Harness::sharing(peer, 0, Default::default())
+    }
+
+    /// A machine whose broker allows `max_connections` and counts them in `open_connections`.
+    fn sharing(peer: &str, max_connections: usize, open_connections: Arc<AtomicUsize>) -> Harness {
         let config = Config::default_config().unwrap();
+        let mut limits = config.connection.clone();
+        limits.max_connections = max_connections;
         let settings =
-            ConnectionSettings::new(Directory::from_config(&config), config.connection.clone());
+            ConnectionSettings::new(Directory::from_config(&config), limits, open_connections);
         Harness {
             machine: ConnectionMachine::new(Rc::new(settings), peer.parse().unwrap()),
             input: BytesMut::new(),
@@ -221,6 +228,42 @@ fn full_handshake_channels_and_close() {
         }]
     );
     assert_eq!(h.machine.phase(), Phase::Closed);
+}
+
+#[test]
+fn connection_open_past_max_connections_is_530_and_a_close_frees_the_slot() {
+    let counter = Arc::new(AtomicUsize::new(0));
+    let open_to_open = |h: &mut Harness| {
+        h.send_bytes(&PROTOCOL_HEADER);
+        h.send(0, plain_start_ok("guest", "guest"));
+        h.send(0, ConnectionTuneOk::default());
+        h.send(0, open("/"))
+    };
+    let mut first = Harness::sharing("127.0.0.1:40001", 2, counter.clone());
+    let mut second = Harness::sharing("127.0.0.1:40002", 2, counter.clone());
+    let mut third = Harness::sharing("127.0.0.1:40003", 2, counter.clone());
+    assert_eq!(first.machine.phase(), Phase::AwaitingProtocolHeader);
+    open_to_open(&mut first);
+    open_to_open(&mut second);
+    assert_eq!(counter.load(Ordering::Relaxed), 2);
+    assert_eq!(connection_close_code(&open_to_open(&mut third)), 530);
+    assert_eq!(
+        counter.load(Ordering::Relaxed),
+        2,
+        "a refusal takes no slot"
+    );
+    drop(first);
+    assert_eq!(counter.load(Ordering::Relaxed), 1);
+    let mut fourth = Harness::sharing("127.0.0.1:40004", 2, counter.clone());
+    let reply = open_to_open(&mut fourth);
+    assert!(matches!(
+        reply.as_slice(),
+        [Frame::Method {
+            method: Method::ConnectionOpenOk(_),
+            ..
+        }]
+    ));
+    assert_eq!(fourth.machine.phase(), Phase::Open);
 }
 
 #[test]
