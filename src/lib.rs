@@ -15,4 +15,5 @@ pub mod cli;
 pub mod codec;
 pub mod config;
 pub mod connection;
+pub mod fuzzing;
 pub mod runtime;
