@@ -11,7 +11,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use log::debug;
+use log::{debug, warn};
 use shards::ShardId;
 
 use super::messages::{MetaOutcome, MetaRequest, QueueKey, Reply, ShardMessage};
@@ -330,6 +330,15 @@ impl Coordinator {
                     arguments: arguments.clone(),
                 };
                 debug!("queue '{name}' in vhost '{vhost}' placed on {owner}");
+                for (key, _) in arguments.iter() {
+                    let key = key.to_str_lossy();
+                    if key.starts_with("x-") && key != "x-queue-type" {
+                        warn!(
+                            "queue '{name}' in vhost '{vhost}': argument '{key}' is accepted \
+                             but not applied (queue arguments are not built yet)"
+                        );
+                    }
+                }
                 self.apply_everywhere(shard, vhost, MetaOp::DeclareQueue(def))
                     .await?;
                 Ok(MetaOutcome::Queue {

@@ -695,6 +695,89 @@ def queue_unbind_from_default_exchange_is_403(o):
     o.call("unbind", lambda: ch.queue_unbind(queue, "", queue))
 
 
+# ---- durability flags (the restart itself is covered by the Rust crash/restart tests) -------
+
+@scenario
+def durable_queue_and_persistent_message(o):
+    ch = o.channel()
+    queue = declare(o, ch, durable=True)
+    ch.confirm_delivery()
+    o.publish(ch, b"kept", queue, properties=props(delivery_mode=2))
+    o.get(ch, queue, auto_ack=True)
+    o.call("delete", lambda: ch.queue_delete(queue))
+
+
+@scenario
+def durable_exchange_bound_to_durable_queue(o):
+    ch = o.channel()
+    queue = declare(o, ch, durable=True)
+    o.call("x", lambda: ch.exchange_declare(o.name("x"), exchange_type="topic", durable=True))
+    o.call("bind", lambda: ch.queue_bind(queue, o.name("x"), "#"))
+    ch.confirm_delivery()
+    o.publish(ch, b"p", "a.b", exchange=o.name("x"), properties=props(delivery_mode=2))
+    o.get(ch, queue, auto_ack=True)
+    o.call("delete x", lambda: ch.exchange_delete(o.name("x")))
+    o.call("delete q", lambda: ch.queue_delete(queue))
+
+
+@scenario
+def persistent_message_on_transient_queue(o):
+    ch = o.channel()
+    queue = declare(o, ch)
+    ch.confirm_delivery()
+    o.publish(ch, b"p", queue, properties=props(delivery_mode=2))
+    o.get(ch, queue, auto_ack=True)
+
+
+@scenario
+def durable_queue_requeue_keeps_persistent_flag(o):
+    ch = o.channel()
+    queue = declare(o, ch, durable=True)
+    ch.confirm_delivery()
+    o.publish(ch, b"p", queue, properties=props(delivery_mode=2, message_id="m"))
+    o.get(ch, queue)
+    o.call("nack", lambda: ch.basic_nack(1, requeue=True))
+    o.get(ch, queue, auto_ack=True)
+    o.call("delete", lambda: ch.queue_delete(queue))
+
+
+# ---- queue arguments (RabbitMQ extensions) --------------------------------------------------
+
+@scenario
+def queue_argument_message_ttl(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-message-ttl": 100})
+    ch.confirm_delivery()
+    o.publish(ch, b"expires", queue)
+    o.settle(connection, 0.4)
+    o.get(ch, queue)
+
+
+@scenario
+def queue_argument_max_length_drops_head(o):
+    ch = o.channel()
+    queue = declare(o, ch, arguments={"x-max-length": 2})
+    ch.confirm_delivery()
+    for i in range(4):
+        o.publish(ch, f"m{i}".encode(), queue)
+    o.get(ch, queue, auto_ack=True)
+    o.get(ch, queue, auto_ack=True)
+    o.get(ch, queue, auto_ack=True)
+
+
+@scenario
+def queue_argument_invalid_ttl_is_406(o):
+    ch = o.channel()
+    o.call("declare", lambda: ch.queue_declare(o.name(), arguments={"x-message-ttl": -5}))
+
+
+@scenario
+def queue_argument_unknown_x_argument_is_accepted(o):
+    ch = o.channel()
+    o.call("declare", lambda: ch.queue_declare(o.name(), arguments={"x-shardmq-unknown": 1}))
+
+
 # ---- routing --------------------------------------------------------------------------------
 
 @scenario
