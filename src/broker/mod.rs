@@ -13,3 +13,4 @@ pub mod session;
 pub mod shard;
 pub mod storage;
 pub mod topic;
+pub mod unacked;

@@ -17,9 +17,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
+
+use super::unacked::Unacked as UnackedDeliveries;
 use std::rc::Rc;
 
-use ahash::{HashMap, HashMapExt};
+use ahash::HashMap;
 use log::debug;
 use shards::queue::{Consumer, Credit, MessageId};
 use shards::{Message, ShardId};
@@ -112,7 +114,7 @@ enum TxOp {
 #[derive(Debug, Default)]
 struct ChannelState {
     next_delivery_tag: u64,
-    unacked: BTreeMap<u64, Unacked>,
+    unacked: UnackedDeliveries<Unacked>,
     consumers: HashMap<ShortStr, u64>,
     /// basic.qos global=false: the limit of consumers created from now on.
     prefetch_count: u16,
@@ -1052,15 +1054,13 @@ impl Session {
                 } else {
                     delivery_tag
                 };
-                if delivery_tag != 0 && !c.unacked.contains_key(&delivery_tag) {
+                if delivery_tag != 0 && !c.unacked.contains(delivery_tag) {
                     return Err(unknown_tag(delivery_tag));
                 }
-                let keep = c.unacked.split_off(&upper.saturating_add(1));
-                let taken = std::mem::replace(&mut c.unacked, keep);
-                Ok(taken.into_values().collect())
+                Ok(c.unacked.drain_up_to(upper).collect())
             } else {
                 c.unacked
-                    .remove(&delivery_tag)
+                    .remove(delivery_tag)
                     .map(|u| vec![u])
                     .ok_or_else(|| unknown_tag(delivery_tag))
             }
@@ -1073,10 +1073,14 @@ impl Session {
     fn release(&self, channel: u16, deliveries: Vec<Unacked>, settlement: Settlement) {
         let requeue = settlement == Settlement::Requeue;
         let mut by_queue: Vec<(QueueKey, ShardId, Vec<MessageId>)> = Vec::new();
-        let mut credit: HashMap<u64, u32> = HashMap::new();
+        // Few consumers per channel: a short list beats a hash map (and its allocation).
+        let mut credit: Vec<(u64, u32)> = Vec::new();
         for unacked in deliveries {
             if let Some(consumer) = unacked.consumer {
-                *credit.entry(consumer).or_default() += 1;
+                match credit.iter_mut().find(|(id, _)| *id == consumer) {
+                    Some((_, amount)) => *amount += 1,
+                    None => credit.push((consumer, 1)),
+                }
             }
             match by_queue.iter_mut().find(|(q, _, _)| *q == unacked.queue) {
                 Some((_, _, ids)) => ids.push(unacked.id),
@@ -1206,9 +1210,7 @@ impl Session {
                 "requeue=false",
             ));
         }
-        let all: Vec<Unacked> = self.with_channel(channel, |c| {
-            std::mem::take(&mut c.unacked).into_values().collect()
-        });
+        let all: Vec<Unacked> = self.with_channel(channel, |c| c.unacked.drain_all().collect());
         self.release(channel, all, Settlement::Requeue);
         Ok(())
     }
