@@ -289,8 +289,15 @@ impl ShardBroker {
             for (index, batch) in batches {
                 let to = ShardId(index);
                 if to == self.id {
-                    for message in batch {
+                    let mut batch = batch;
+                    for message in batch.drain(..) {
                         self.handle(self.id, message);
+                    }
+                    // Give the emptied vector back, so the next local batch does not grow a
+                    // new one from nothing (unless handling queued more meanwhile).
+                    let mut outbox = self.outbox.borrow_mut();
+                    if outbox[index].capacity() == 0 {
+                        outbox[index] = batch;
                     }
                     continue;
                 }
