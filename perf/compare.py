@@ -198,8 +198,9 @@ def main():
                 "- RabbitMQ runs Debian's package with default settings (classic queues). Its classic queues "
                 "confirm persistent messages before they are fsynced to disk; shardmq confirms only after "
                 "fdatasync. The persistent scenario is therefore harder for shardmq.\n"
-                "- The backlog scenario publishes transient messages; shardmq keeps them in memory (it does "
-                "not page to disk yet), RabbitMQ pages them out under memory pressure.\n"
+                "- The backlog scenario publishes transient messages. Both brokers page them to disk past a "
+                "memory limit: shardmq past `queues.memory_budget_bytes` (64 MiB per shard by default), "
+                "RabbitMQ under its memory watermark.\n"
                 "- Each scenario deletes its queues at its end; peak RSS is the highest sampled during the "
                 "scenario, so memory a broker kept after earlier scenarios counts too.\n")
     chart(results, os.path.join(out, "chart.png"))

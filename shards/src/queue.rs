@@ -568,7 +568,9 @@ impl Queue {
 
     /// In-memory ready messages with no record in the log, from the back (delivered last), up
     /// to `bytes`, keeping the first `keep`: what to write out before paging them. Stops at the
-    /// first message already paged out.
+    /// first message already paged out. Returned in queue order, so that written one after the
+    /// other their records lie in the log in the order they will be read back (page-in reads
+    /// contiguous records in one go).
     pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, Message)> {
         let mut out = Vec::new();
         let mut total = 0;
@@ -584,6 +586,7 @@ impl Queue {
                 out.push((ready.id(), message.clone()));
             }
         }
+        out.reverse();
         out
     }
 
@@ -1035,8 +1038,14 @@ mod tests {
             .iter()
             .map(|(id, _)| *id)
             .collect();
-        assert_eq!(ids, vec![4, 2, 1], "skips the logged one and the kept head");
-        assert_eq!(queue.unlogged_from_back(1, 1).len(), 1, "bounded by bytes");
+        assert_eq!(
+            ids,
+            vec![1, 2, 4],
+            "skips the logged one and the kept head; queue order"
+        );
+        let nearest_back = queue.unlogged_from_back(1, 1);
+        assert_eq!(nearest_back.len(), 1, "bounded by bytes");
+        assert_eq!(nearest_back[0].0, 4, "taken from the back");
         for id in [4, 2, 1] {
             assert!(queue.relocate(id, location(id)));
         }
