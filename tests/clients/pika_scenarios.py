@@ -8,8 +8,6 @@ stops the broker by PID, and prints one line per scenario and a closing "N passe
 """
 
 import os
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -17,36 +15,8 @@ import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
+import brokers  # noqa: E402
 import client_env  # noqa: E402
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_broker(data_dir):
-    binary = os.path.join(ROOT, "target", "debug", "shardmq")
-    if not os.path.exists(binary):
-        subprocess.run(["cargo", "build", "-q", "--bin", "shardmq"], cwd=ROOT, check=True)
-    config = os.path.join(data_dir, "config.toml")
-    with open(config, "w") as f:
-        f.write('[queues]\nplacement = "balanced"\n')
-    port = free_port()
-    process = subprocess.Popen(
-        [binary, "--config", config, "--listen", f"127.0.0.1:{port}", "--shards", "2",
-         "--data-dir", os.path.join(data_dir, "data"), "--log-level", "warn"],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(data_dir, "broker.log"), "w"))
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
-            return process, port
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise SystemExit("shardmq did not start")
 
 
 def scenarios(pika, port):
@@ -177,9 +147,9 @@ def main():
     import pika
     passed = failed = 0
     with tempfile.TemporaryDirectory() as data_dir:
-        process, port = start_broker(data_dir)
+        broker = brokers.start_shardmq_for_tests(data_dir, ROOT)
         try:
-            for scenario in scenarios(pika, port):
+            for scenario in scenarios(pika, broker.port):
                 try:
                     scenario()
                     passed += 1
@@ -189,13 +159,9 @@ def main():
                     print(f"pika {scenario.__name__} ... FAILED", flush=True)
                     traceback.print_exc()
         finally:
-            process.terminate()
-            try:
-                process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                process.kill()
+            broker.stop()
             if failed:
-                with open(os.path.join(data_dir, "broker.log")) as log:
+                with open(os.path.join(data_dir, "shardmq.log")) as log:
                     print(log.read()[-4000:])
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)

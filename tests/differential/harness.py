@@ -75,10 +75,6 @@ def properties_fields(properties):
     return normalize(fields)
 
 
-class Outcome(Exception):
-    """Raised inside `o.call` bodies to stop a step early; never escapes the observer."""
-
-
 class Observer:
     def __init__(self, port, scenario):
         self.port = port

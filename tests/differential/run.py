@@ -19,7 +19,6 @@ import argparse
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -42,19 +41,6 @@ def deviations():
             if match:
                 listed[match.group(1)] = match.group(3).strip()
     return listed
-
-
-def start_shardmq(workdir, brokers):
-    binary = os.path.join(ROOT, "target", "debug", "shardmq")
-    if not os.path.exists(binary):
-        subprocess.run(["cargo", "build", "-q", "--bin", "shardmq"], cwd=ROOT, check=True)
-    config = os.path.join(workdir, "shardmq.toml")
-    with open(config, "w") as f:
-        f.write('[queues]\nplacement = "balanced"\n')
-    port = brokers.free_port()
-    command = [binary, "--config", config, "--listen", f"127.0.0.1:{port}", "--shards", "2",
-               "--data-dir", os.path.join(workdir, "shardmq-data"), "--log-level", "warn"]
-    return brokers.Broker("shardmq", command, dict(os.environ), port, workdir)
 
 
 class Timeout(Exception):
@@ -114,7 +100,7 @@ def main():
         server, version = brokers.ensure_rabbitmq()
         rabbit = brokers.start_rabbitmq(workdir, server)
         try:
-            shard = start_shardmq(workdir, brokers)
+            shard = brokers.start_shardmq_for_tests(workdir, ROOT)
         except BaseException:
             rabbit.stop()
             raise

@@ -132,6 +132,21 @@ class Broker:
         self.log.close()
 
 
+def start_shardmq_for_tests(workdir, root):
+    """target/debug/shardmq (built if missing) with 2 shards and queues spread over both, the
+    set-up the client scenario scripts and the differential suite test against."""
+    binary = os.path.join(root, "target", "debug", "shardmq")
+    if not os.path.exists(binary):
+        subprocess.run(["cargo", "build", "-q", "--bin", "shardmq"], cwd=root, check=True)
+    config = os.path.join(workdir, "shardmq.toml")
+    with open(config, "w") as f:
+        f.write('[queues]\nplacement = "balanced"\n')
+    port = free_port()
+    command = [binary, "--config", config, "--listen", f"127.0.0.1:{port}", "--shards", "2",
+               "--data-dir", os.path.join(workdir, "shardmq-data"), "--log-level", "warn"]
+    return Broker("shardmq", command, dict(os.environ), port, workdir)
+
+
 def ensure_rabbitmq():
     server = "/usr/lib/rabbitmq/bin/rabbitmq-server"
     if not os.path.exists(server):
