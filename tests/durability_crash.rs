@@ -9,11 +9,9 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use amqprs::channel::{
-    BasicGetArguments, BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments,
-};
+use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments};
 use amqprs::BasicProperties;
-use common::{open_channel, Broker, BALANCED_PAGING};
+use common::{drain_no_ack, open_channel, Broker, BALANCED_PAGING};
 
 const PRODUCERS: usize = 3;
 const ROUNDS: u64 = 4;
@@ -76,27 +74,19 @@ async fn confirmed_messages_survive_sigkill_exactly_once() {
         drop(connections);
         broker = stopped.restart();
 
-        let (_c, channel, _) = open_channel(&broker).await;
         for (producer, confirmed) in confirmed.iter().copied().enumerate() {
             let queue = format!("crash-{producer}");
             let mut seen = Vec::new();
-            loop {
-                let mut args = BasicGetArguments::new(&queue);
-                args.no_ack(true);
-                match channel.basic_get(args).await.unwrap() {
-                    Some((_, _, content)) => {
-                        let body = String::from_utf8(content).unwrap();
-                        let parts: Vec<&str> = body.split(':').collect();
-                        assert_eq!(
-                            parts[0],
-                            round.to_string(),
-                            "a message of an earlier round came back: {body}"
-                        );
-                        assert_eq!(parts[1], producer.to_string());
-                        seen.push(parts[2].parse::<u64>().unwrap());
-                    }
-                    None => break,
-                }
+            for (body, _) in drain_no_ack(&broker, &queue).await {
+                let body = String::from_utf8(body).unwrap();
+                let parts: Vec<&str> = body.split(':').collect();
+                assert_eq!(
+                    parts[0],
+                    round.to_string(),
+                    "a message of an earlier round came back: {body}"
+                );
+                assert_eq!(parts[1], producer.to_string());
+                seen.push(parts[2].parse::<u64>().unwrap());
             }
             // In publish order, no duplicates.
             assert!(
@@ -197,21 +187,10 @@ async fn acked_messages_stay_acked_across_sigkill() {
         drop(connection);
         broker = stopped.restart();
 
-        let (_c, channel, _) = open_channel(&broker).await;
         let mut recovered = Vec::new();
-        loop {
-            let mut args = BasicGetArguments::new(&queue);
-            args.no_ack(true);
-            match channel.basic_get(args).await.unwrap() {
-                Some((get_ok, _, content)) => {
-                    assert!(
-                        get_ok.redelivered(),
-                        "after a crash every message is flagged"
-                    );
-                    recovered.push(String::from_utf8(content).unwrap().parse::<u64>().unwrap());
-                }
-                None => break,
-            }
+        for (body, redelivered) in drain_no_ack(&broker, &queue).await {
+            assert!(redelivered, "after a crash every message is flagged");
+            recovered.push(String::from_utf8(body).unwrap().parse::<u64>().unwrap());
         }
         assert!(
             recovered.windows(2).all(|w| w[0] < w[1]),

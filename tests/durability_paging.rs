@@ -13,7 +13,7 @@ use amqprs::channel::{
     BasicQosArguments, Channel, ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{log_bytes, open_channel, rss_bytes, Broker, ChannelRecorder};
+use common::{drain_no_ack, log_bytes, open_channel, rss_bytes, Broker, ChannelRecorder};
 
 /// A 64 KiB budget per shard, 1 MiB segments, queues spread over both shards.
 const CONFIG: &str = "[storage]\nsegment_bytes_max = 1048576\n[queues]\nplacement = \"balanced\"\nmemory_budget_bytes = 65536\n";
@@ -109,16 +109,12 @@ async fn consume(channel: &Channel, queue: &str, count: u64, size: usize) -> Vec
     out
 }
 
-async fn get_all(channel: &Channel, queue: &str, size: usize) -> Vec<(u64, bool)> {
-    let mut out = Vec::new();
-    loop {
-        let mut args = BasicGetArguments::new(queue);
-        args.no_ack(true);
-        match channel.basic_get(args).await.unwrap() {
-            Some((get_ok, _, content)) => out.push((number(&content, size), get_ok.redelivered())),
-            None => return out,
-        }
-    }
+async fn get_all(broker: &Broker, queue: &str, size: usize) -> Vec<(u64, bool)> {
+    drain_no_ack(broker, queue)
+        .await
+        .into_iter()
+        .map(|(body, redelivered)| (number(&body, size), redelivered))
+        .collect()
 }
 
 async fn ready(channel: &Channel, queue: &str) -> u32 {
@@ -177,8 +173,7 @@ async fn a_paged_backlog_is_delivered_in_order_across_restarts() {
     // A crash: what is left comes back again, now flagged redelivered.
     drop(channel);
     let broker = broker.stop(libc::SIGKILL).restart();
-    let (_c3, channel, _) = open_channel(&broker).await;
-    let rest = get_all(&channel, "backlog", SIZE).await;
+    let rest = get_all(&broker, "backlog", SIZE).await;
     let expected_rest: Vec<(u64, bool)> =
         expected[half..].iter().map(|(n, _)| (*n, true)).collect();
     assert_eq!(rest, expected_rest);
@@ -228,8 +223,7 @@ async fn segments_holding_paged_messages_are_compacted() {
     assert!(remaining < 400_000, "log bytes after draining: {remaining}");
 
     let broker = broker.stop(libc::SIGTERM).restart();
-    let (_c2, channel, _) = open_channel(&broker).await;
-    let kept = get_all(&channel, "keep", SIZE).await;
+    let kept = get_all(&broker, "keep", SIZE).await;
     assert_eq!(
         kept,
         (0..30).map(|n| (n, false)).collect::<Vec<_>>(),

@@ -445,3 +445,27 @@ pub fn log_bytes(data: &std::path::Path) -> u64 {
     }
     total
 }
+
+/// Every message left in `queue` as (body, redelivered), taken one basic.get (no-ack) at a time
+/// through lapin until get-empty. Drains go through lapin: amqprs 2.1.5's channel dispatcher
+/// checks for a registered get responder before it looks at incoming frames, so a get-ok that
+/// arrives between those two polls (the dispatcher thread preempted on a busy machine) panics
+/// its task ("get responder must be registered") and the get fails.
+pub async fn drain_no_ack(broker: &Broker, queue: &str) -> Vec<(Vec<u8>, bool)> {
+    use lapin::options::BasicGetOptions;
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port());
+    let connection = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
+        .await
+        .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    let mut out = Vec::new();
+    while let Some(message) = channel
+        .basic_get(queue.into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+    {
+        out.push((message.delivery.data, message.delivery.redelivered));
+    }
+    let _ = connection.close(200, "drained".into()).await;
+    out
+}
