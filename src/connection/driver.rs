@@ -50,38 +50,6 @@ pub struct Connection {
     last_write: Cell<Instant>,
 }
 
-/// How much to read from a socket next: starts small, doubles while reads fill what was asked
-/// for, and shrinks when they use little of it, between `READ_SIZE_MIN` and the configured
-/// `read_chunk_bytes`. Each read zero-fills what it asks for and an idle connection keeps its
-/// buffer, so a fixed 64 KiB read costs a 64 KiB memset per read and 64 KiB per idle connection.
-struct ReadSize {
-    current: usize,
-    max: usize,
-}
-
-const READ_SIZE_MIN: usize = 4096;
-
-impl ReadSize {
-    fn new(max: usize) -> ReadSize {
-        ReadSize {
-            current: READ_SIZE_MIN.min(max),
-            max,
-        }
-    }
-
-    fn next(&self) -> usize {
-        self.current
-    }
-
-    fn observe(&mut self, asked: usize, read: usize) {
-        if read == asked {
-            self.current = (self.current * 2).min(self.max);
-        } else if read < asked / 8 {
-            self.current = (self.current / 2).max(READ_SIZE_MIN.min(self.max));
-        }
-    }
-}
-
 async fn read_some(stream: &RefCell<TcpStream>, buffer: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, buffer)).await
 }
@@ -197,9 +165,9 @@ impl Connection {
     }
 
     async fn read_loop(&self) {
+        let chunk = self.settings.limits.read_chunk_bytes;
         let limit = self.settings.limits.outbound_buffer_bytes_max;
-        let mut read_size = ReadSize::new(self.settings.limits.read_chunk_bytes);
-        let mut input = BytesMut::with_capacity(read_size.next());
+        let mut input = BytesMut::with_capacity(chunk);
         while self.phase() != Phase::Closed {
             // Back-pressure: stop reading while the client does not read what we send, or
             // while our mesh outbox is not draining.
@@ -216,8 +184,7 @@ impl Connection {
                 }
             }
             let filled = input.len();
-            let asked = read_size.next();
-            input.resize(filled + asked, 0);
+            input.resize(filled + chunk, 0);
             let result = read_some(&self.stream, &mut input[filled..]).await;
             match result {
                 Ok(0) => {
@@ -225,10 +192,7 @@ impl Connection {
                     self.peer_went_away("closed the socket");
                     return;
                 }
-                Ok(read) => {
-                    input.truncate(filled + read);
-                    read_size.observe(asked, read);
-                }
+                Ok(read) => input.truncate(filled + read),
                 Err(error) => {
                     input.truncate(filled);
                     self.peer_went_away(&error.to_string());
@@ -356,36 +320,5 @@ impl Connection {
                 }
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::{ReadSize, READ_SIZE_MIN};
-
-    #[test]
-    fn read_size_grows_on_full_reads_and_shrinks_on_small_ones() {
-        let max = 65536;
-        let mut size = ReadSize::new(max);
-        assert_eq!(size.next(), READ_SIZE_MIN);
-        // A busy publisher fills every read: the size doubles up to the configured chunk.
-        for _ in 0..10 {
-            let asked = size.next();
-            size.observe(asked, asked);
-        }
-        assert_eq!(size.next(), max);
-        // A read that uses a quarter keeps the size; one that uses little halves it.
-        size.observe(max, max / 4);
-        assert_eq!(size.next(), max);
-        for _ in 0..10 {
-            let asked = size.next();
-            size.observe(asked, 10);
-        }
-        assert_eq!(size.next(), READ_SIZE_MIN);
-        // A configured chunk below the minimum is respected.
-        let mut small = ReadSize::new(1024);
-        small.observe(1024, 1024);
-        small.observe(1024, 1);
-        assert_eq!(small.next(), 1024);
     }
 }
