@@ -7,11 +7,11 @@ mod common;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments,
-    ConfirmSelectArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments,
+    QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{log_bytes, open_channel, Broker};
+use common::{drain_no_ack, log_bytes, open_channel, Broker};
 
 /// Small segments, so that a few megabytes roll through many of them.
 const CONFIG: &str = "[storage]\nsegment_bytes_max = 65536\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"balanced\"\n";
@@ -93,18 +93,10 @@ async fn settled_segments_are_deleted_and_sparse_ones_compacted() {
     // The 30 unacked messages survive a restart (redelivered), in order.
     drop(consumer);
     let broker = broker.stop(libc::SIGTERM).restart();
-    let (_c2, channel, _) = open_channel(&broker).await;
     let mut recovered = Vec::new();
-    loop {
-        let mut args = BasicGetArguments::new("disk");
-        args.no_ack(true);
-        match channel.basic_get(args).await.unwrap() {
-            Some((get_ok, _, content)) => {
-                assert!(get_ok.redelivered());
-                recovered.push(u64::from_be_bytes(content[..8].try_into().unwrap()));
-            }
-            None => break,
-        }
+    for (body, redelivered) in drain_no_ack(&broker, "disk").await {
+        assert!(redelivered);
+        recovered.push(u64::from_be_bytes(body[..8].try_into().unwrap()));
     }
     assert_eq!(recovered, kept);
 }

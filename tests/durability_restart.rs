@@ -11,7 +11,7 @@ use amqprs::channel::{
     ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{open_channel, Broker, ChannelRecorder, BALANCED};
+use common::{drain_no_ack, open_channel, Broker, ChannelRecorder, BALANCED};
 
 async fn durable_queue(channel: &Channel, name: &str) {
     let mut args = QueueDeclareArguments::new(name);
@@ -47,18 +47,12 @@ async fn publish(
 }
 
 /// (body, redelivered) of every message left in `queue`, taken with no-ack.
-async fn drain(channel: &Channel, queue: &str) -> Vec<(String, bool)> {
-    let mut out = Vec::new();
-    loop {
-        let mut args = BasicGetArguments::new(queue);
-        args.no_ack(true);
-        match channel.basic_get(args).await.unwrap() {
-            Some((get_ok, _, content)) => {
-                out.push((String::from_utf8(content).unwrap(), get_ok.redelivered()))
-            }
-            None => return out,
-        }
-    }
+async fn drain(broker: &Broker, queue: &str) -> Vec<(String, bool)> {
+    drain_no_ack(broker, queue)
+        .await
+        .into_iter()
+        .map(|(body, redelivered)| (String::from_utf8(body).unwrap(), redelivered))
+        .collect()
 }
 
 async fn exists(broker: &Broker, queue: &str) -> bool {
@@ -188,7 +182,7 @@ async fn durable_entities_and_persistent_messages_survive_a_restart() {
         "transient exchange is gone"
     );
 
-    let messages = drain(&channel, "orders").await;
+    let messages = drain(&broker, "orders").await;
     assert_eq!(
         messages,
         vec![
@@ -210,7 +204,7 @@ async fn durable_entities_and_persistent_messages_survive_a_restart() {
         .unwrap();
     let mut got = None;
     for _ in 0..50 {
-        got = drain(&channel, "orders").await.pop();
+        got = drain(&broker, "orders").await.pop();
         if got.is_some() {
             break;
         }
@@ -220,8 +214,7 @@ async fn durable_entities_and_persistent_messages_survive_a_restart() {
 
     // A second restart: what was consumed stays consumed.
     let broker = broker.stop(libc::SIGTERM).restart();
-    let (_c, channel, _) = open_channel(&broker).await;
-    assert!(drain(&channel, "orders").await.is_empty());
+    assert!(drain(&broker, "orders").await.is_empty());
 }
 
 #[tokio::test]
