@@ -50,6 +50,38 @@ pub struct Connection {
     last_write: Cell<Instant>,
 }
 
+/// How much to read from a socket next: starts small, doubles while reads fill what was asked
+/// for, and shrinks when they use little of it, between `READ_SIZE_MIN` and the configured
+/// `read_chunk_bytes`. Each read zero-fills what it asks for and an idle connection keeps its
+/// buffer, so a fixed 64 KiB read costs a 64 KiB memset per read and 64 KiB per idle connection.
+struct ReadSize {
+    current: usize,
+    max: usize,
+}
+
+const READ_SIZE_MIN: usize = 4096;
+
+impl ReadSize {
+    fn new(max: usize) -> ReadSize {
+        ReadSize {
+            current: READ_SIZE_MIN.min(max),
+            max,
+        }
+    }
+
+    fn next(&self) -> usize {
+        self.current
+    }
+
+    fn observe(&mut self, asked: usize, read: usize) {
+        if read == asked {
+            self.current = (self.current * 2).min(self.max);
+        } else if read < asked / 8 {
+            self.current = (self.current / 2).max(READ_SIZE_MIN.min(self.max));
+        }
+    }
+}
+
 async fn read_some(stream: &RefCell<TcpStream>, buffer: &mut [u8]) -> io::Result<usize> {
     poll_fn(|cx| Pin::new(&mut *stream.borrow_mut()).poll_read(cx, buffer)).await
 }
@@ -66,12 +98,13 @@ async fn write_all(stream: &RefCell<TcpStream>, mut bytes: &[u8]) -> io::Result<
     Ok(())
 }
 
-/// Shuts both directions of the socket down; a pending read or write on it returns at once.
-/// The descriptor stays open (and owned by the `TcpStream`) until the connection is dropped.
-fn shutdown_socket(fd: RawFd) {
+/// Shuts the socket down in `how` (`SHUT_RDWR`: a pending read or write returns at once;
+/// `SHUT_WR`: the peer reads everything sent so far, then end of stream). The descriptor stays
+/// open (and owned by the `TcpStream`) until the connection is dropped.
+fn shutdown_socket(fd: RawFd, how: libc::c_int) {
     // SAFETY: shutdown(2) only changes the state of the socket `fd` names; it touches no memory.
     // An error (the peer already gone) leaves nothing to do.
-    let _ = unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+    let _ = unsafe { libc::shutdown(fd, how) };
 }
 
 impl Connection {
@@ -130,7 +163,7 @@ impl Connection {
     /// pending read or write returns at once.
     pub fn force_close(&self) {
         self.machine.borrow_mut().abandon();
-        shutdown_socket(self.fd);
+        shutdown_socket(self.fd, libc::SHUT_RDWR);
         self.write_wanted.notify();
         self.drained.notify();
     }
@@ -165,14 +198,17 @@ impl Connection {
     }
 
     async fn read_loop(&self) {
-        let chunk = self.settings.limits.read_chunk_bytes;
         let limit = self.settings.limits.outbound_buffer_bytes_max;
-        let mut input = BytesMut::with_capacity(chunk);
-        while self.phase() != Phase::Closed {
+        let mut read_size = ReadSize::new(self.settings.limits.read_chunk_bytes);
+        let mut input = BytesMut::with_capacity(read_size.next());
+        loop {
             // Back-pressure: stop reading while the client does not read what we send, or
             // while our mesh outbox is not draining.
             loop {
                 if self.phase() == Phase::Closed {
+                    if self.machine.borrow().input_refused() {
+                        self.linger(input, read_size.next()).await;
+                    }
                     return;
                 }
                 if self.pending_outbound_bytes() > limit {
@@ -184,7 +220,8 @@ impl Connection {
                 }
             }
             let filled = input.len();
-            input.resize(filled + chunk, 0);
+            let asked = read_size.next();
+            input.resize(filled + asked, 0);
             let result = read_some(&self.stream, &mut input[filled..]).await;
             match result {
                 Ok(0) => {
@@ -192,7 +229,10 @@ impl Connection {
                     self.peer_went_away("closed the socket");
                     return;
                 }
-                Ok(read) => input.truncate(filled + read),
+                Ok(read) => {
+                    input.truncate(filled + read);
+                    read_size.observe(asked, read);
+                }
                 Err(error) => {
                     input.truncate(filled);
                     self.peer_went_away(&error.to_string());
@@ -214,6 +254,29 @@ impl Connection {
         }
     }
 
+    /// After the machine refused the input: reads and drops what the client still sends (the
+    /// rest of the bad frame, its close-ok) until end of stream or `close_timeout_ms`, so that
+    /// the socket is not closed with unread input, which would reset it before the client has
+    /// read our connection.close.
+    async fn linger(&self, mut input: BytesMut, chunk: usize) {
+        let deadline = Duration::from_millis(self.settings.limits.close_timeout_ms);
+        let discard = async {
+            loop {
+                input.clear();
+                input.resize(chunk, 0);
+                match read_some(&self.stream, &mut input).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(_) => {}
+                }
+            }
+        };
+        let timeout = glommio::timer::sleep(deadline);
+        futures_lite::future::or(discard, async {
+            timeout.await;
+        })
+        .await;
+    }
+
     fn peer_went_away(&self, how: &str) {
         let mut machine = self.machine.borrow_mut();
         if machine.phase() == Phase::Open {
@@ -227,6 +290,7 @@ impl Connection {
 
     async fn write_loop(self: Rc<Self>) {
         let mut buffer = BytesMut::with_capacity(4096);
+        let mut failed = false;
         loop {
             let swapped = {
                 let mut machine = self.machine.borrow_mut();
@@ -254,11 +318,20 @@ impl Connection {
             if let Err(error) = result {
                 debug!("{}: write failed: {error}", self.machine.borrow().peer());
                 self.machine.borrow_mut().abandon();
+                failed = true;
                 break;
             }
         }
-        // Everything is written: close our side, which also ends a read still pending.
-        shutdown_socket(self.fd);
+        // Everything is written: end our direction (the reader drains the client's until it
+        // ends too); after a failed write, both, which also ends a read still pending.
+        shutdown_socket(
+            self.fd,
+            if failed {
+                libc::SHUT_RDWR
+            } else {
+                libc::SHUT_WR
+            },
+        );
         self.drained.notify();
     }
 
@@ -320,5 +393,36 @@ impl Connection {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{ReadSize, READ_SIZE_MIN};
+
+    #[test]
+    fn read_size_grows_on_full_reads_and_shrinks_on_small_ones() {
+        let max = 65536;
+        let mut size = ReadSize::new(max);
+        assert_eq!(size.next(), READ_SIZE_MIN);
+        // A busy publisher fills every read: the size doubles up to the configured chunk.
+        for _ in 0..10 {
+            let asked = size.next();
+            size.observe(asked, asked);
+        }
+        assert_eq!(size.next(), max);
+        // A read that uses a quarter keeps the size; one that uses little halves it.
+        size.observe(max, max / 4);
+        assert_eq!(size.next(), max);
+        for _ in 0..10 {
+            let asked = size.next();
+            size.observe(asked, 10);
+        }
+        assert_eq!(size.next(), READ_SIZE_MIN);
+        // A configured chunk below the minimum is respected.
+        let mut small = ReadSize::new(1024);
+        small.observe(1024, 1024);
+        small.observe(1024, 1);
+        assert_eq!(small.next(), 1024);
     }
 }

@@ -315,6 +315,9 @@ pub struct ConnectionMachine {
     outbound: BytesMut,
     /// Held from connection.open-ok until the machine is dropped.
     slot: Option<ConnectionSlot>,
+    /// Closed because the input could not be read (a wrong protocol header, a bad frame): the
+    /// client may still be sending what followed.
+    input_refused: bool,
 }
 
 impl ConnectionMachine {
@@ -334,6 +337,7 @@ impl ConnectionMachine {
             vhost: None,
             client: ClientInfo::default(),
             outbound: BytesMut::with_capacity(4096),
+            input_refused: false,
             slot: None,
         }
     }
@@ -426,6 +430,7 @@ impl ConnectionMachine {
                     );
                     self.outbound.extend_from_slice(&PROTOCOL_HEADER);
                     self.phase = Phase::Closed;
+                    self.input_refused = true;
                     input.clear();
                     return None;
                 }
@@ -456,6 +461,7 @@ impl ConnectionMachine {
                     self.fail_connection(&amqp);
                     // The byte stream can no longer be trusted: close once the close is written.
                     self.phase = Phase::Closed;
+                    self.input_refused = true;
                 }
             }
         }
@@ -477,6 +483,11 @@ impl ConnectionMachine {
                 self.phase = Phase::Closing;
             }
         }
+    }
+
+    /// Whether the machine closed on input it could not read (more of it may be on the way).
+    pub fn input_refused(&self) -> bool {
+        self.input_refused
     }
 
     /// The peer did not answer our connection.close in time, or went silent: give up on it.
