@@ -260,21 +260,10 @@ impl Connection {
     /// read our connection.close.
     async fn linger(&self, mut input: BytesMut, chunk: usize) {
         let deadline = Duration::from_millis(self.settings.limits.close_timeout_ms);
-        let discard = async {
-            loop {
-                input.clear();
-                input.resize(chunk, 0);
-                match read_some(&self.stream, &mut input).await {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {}
-                }
-            }
-        };
-        let timeout = glommio::timer::sleep(deadline);
-        futures_lite::future::or(discard, async {
-            timeout.await;
-        })
-        .await;
+        input.clear();
+        input.resize(chunk, 0);
+        let discard = async { while let Ok(1..) = read_some(&self.stream, &mut input).await {} };
+        futures_lite::future::or(discard, glommio::timer::sleep(deadline)).await;
     }
 
     fn peer_went_away(&self, how: &str) {
