@@ -2,7 +2,7 @@
 //! (only their place in the log stays) and are read back, in order, when delivered. Checked
 //! through a real client: order and bodies survive paging, a restart, a crash and compaction of
 //! segments whose live messages are paged out; the broker's memory does not grow with the
-//! backlog.
+//! backlog, and a publisher faster than paging is held off.
 
 mod common;
 
@@ -283,6 +283,7 @@ async fn transient_messages_are_paged_under_pressure() {
     publish(&channel, &recorder, "scratch", 100..MESSAGES, SIZE, 1).await;
     let grown = rss_bytes(broker.pid()).saturating_sub(baseline);
     let data = MESSAGES * SIZE as u64;
+    eprintln!("transient paging: RSS grew by {grown} bytes for {data} bytes published");
     // Looser than for persistent messages: here every message is written out after it arrived,
     // through the log's buffers, and 1 MiB segments make many idle segment writers (each costs
     // memory; see the notes). Still well below keeping the backlog.
@@ -319,6 +320,70 @@ async fn transient_messages_are_paged_under_pressure() {
         remaining < data / 4,
         "log bytes after consuming: {remaining}"
     );
+}
+
+/// Flow control: a publisher without confirms, faster than the pager, is held off (its socket
+/// is not read) while the shard's messages in memory are over twice the budget, so memory stays
+/// bounded by the configuration; nothing is lost and the order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_faster_than_paging_is_paused() {
+    const SIZE: usize = 4096;
+    const MESSAGES: u64 = 20_000;
+    let config = "[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 1048576\n";
+    let broker = Broker::start_with_config(config);
+    let (_c, channel, _) = open_channel(&broker).await;
+    channel
+        .queue_declare(QueueDeclareArguments::new("firehose"))
+        .await
+        .unwrap();
+    let baseline = rss_bytes(broker.pid());
+    let pid = broker.pid();
+    let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let sampler = {
+        let sampling = sampling.clone();
+        std::thread::spawn(move || {
+            let mut peak = 0;
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                peak = peak.max(rss_bytes(pid));
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            peak
+        })
+    };
+    for n in 0..MESSAGES {
+        channel
+            .basic_publish(
+                BasicProperties::default(),
+                body(n, SIZE),
+                BasicPublishArguments::new("", "firehose"),
+            )
+            .await
+            .unwrap();
+    }
+    // Everything published has arrived once the queue holds it all.
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while u64::from(ready(&channel, "firehose").await) < MESSAGES {
+        assert!(std::time::Instant::now() < deadline, "all messages queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+    let grown = sampler.join().unwrap().saturating_sub(baseline);
+    let data = MESSAGES * SIZE as u64;
+    eprintln!("flow control: RSS grew by {grown} bytes (peak) for {data} bytes published");
+    assert!(
+        broker.log_contains("publishers paused"),
+        "the publisher was paused"
+    );
+    assert!(
+        grown < data / 4,
+        "RSS grew by {grown} bytes for {data} bytes published"
+    );
+    let numbers: Vec<u64> = get_all(&broker, "firehose", SIZE)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
 }
 
 /// A no-ack consumer settles persistent messages for good: they do not come back after a

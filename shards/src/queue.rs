@@ -23,8 +23,9 @@
 //! Invariants (checked by `check_invariants` in tests and debug builds):
 //! - `ready` is sorted by message id, and no id is both ready and unacked;
 //! - a ready entry's slot is either `PAGED` (and it has a location) or holds its body;
-//! - `memory_bytes` is the size of the ready messages in memory, and the meter holds the sum
-//!   over every queue that shares it;
+//! - `memory_bytes` is the size of the ready messages in memory, `unacked_bytes` that of the
+//!   delivered ones held for their ack, and the meter holds both sums over every queue that
+//!   shares it;
 //! - every consumer key appears once.
 
 use std::cell::Cell;
@@ -52,22 +53,32 @@ impl Location {
     }
 }
 
-/// Bytes of ready messages held in memory, summed over every queue of a shard (the pager's
-/// input). Shared by the queues; only the owning shard touches it.
+/// Bytes of messages held in memory, summed over every queue of a shard: ready messages (the
+/// pager's input) and delivered ones waiting for their ack (which cannot be paged, but count
+/// towards the memory alarm). Shared by the queues; only the owning shard touches it.
 #[derive(Debug, Clone, Default)]
-pub struct MemoryMeter(Rc<Cell<usize>>);
+pub struct MemoryMeter {
+    ready: Rc<Cell<usize>>,
+    unacked: Rc<Cell<usize>>,
+}
 
 impl MemoryMeter {
+    /// Bytes of ready messages in memory.
     pub fn bytes(&self) -> usize {
-        self.0.get()
+        self.ready.get()
+    }
+
+    /// Bytes of delivered messages not acked yet.
+    pub fn unacked_bytes(&self) -> usize {
+        self.unacked.get()
     }
 
     fn add(&self, bytes: usize) {
-        self.0.set(self.0.get() + bytes);
+        self.ready.set(self.ready.get() + bytes);
     }
 
     fn sub(&self, bytes: usize) {
-        self.0.set(self.0.get().saturating_sub(bytes));
+        self.ready.set(self.ready.get().saturating_sub(bytes));
     }
 }
 
@@ -232,6 +243,8 @@ pub struct Queue {
     paged_count: usize,
     meter: MemoryMeter,
     unacked: HashMap<MessageId, Unacked>,
+    /// Bytes of the messages in `unacked` (see `MemoryMeter::unacked_bytes`).
+    unacked_bytes: usize,
     consumers: Vec<Consumer>,
     /// Index in `consumers` to try first on the next dispatch (round-robin).
     cursor: usize,
@@ -291,6 +304,30 @@ impl Queue {
             self.free.push(slot);
         }
         Some(message)
+    }
+
+    /// Keeps a delivered message until it is settled.
+    fn hold(&mut self, id: MessageId, unacked: Unacked) {
+        let bytes = unacked.message.size_bytes();
+        self.unacked_bytes += bytes;
+        let total = &self.meter.unacked;
+        total.set(total.get() + bytes);
+        if let Some(replaced) = self.unacked.insert(id, unacked) {
+            self.forget_unacked_bytes(replaced.message.size_bytes());
+        }
+    }
+
+    /// Takes a delivered message back (settled or requeued).
+    fn release(&mut self, id: MessageId) -> Option<Unacked> {
+        let unacked = self.unacked.remove(&id)?;
+        self.forget_unacked_bytes(unacked.message.size_bytes());
+        Some(unacked)
+    }
+
+    fn forget_unacked_bytes(&mut self, bytes: usize) {
+        self.unacked_bytes -= bytes;
+        let total = &self.meter.unacked;
+        total.set(total.get().saturating_sub(bytes));
     }
 
     fn push_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
@@ -425,21 +462,22 @@ impl Queue {
             };
             let consumer = &mut self.consumers[index];
             consumer.credit.take_one();
-            if !consumer.no_ack {
-                self.unacked.insert(
+            let (key, no_ack, holder) = (consumer.key, consumer.no_ack, consumer.channel);
+            if !no_ack {
+                self.hold(
                     ready.id(),
                     Unacked {
                         message: message.clone(),
-                        holder: consumer.channel,
+                        holder,
                         location: ready.location(),
                     },
                 );
             }
             out.push(Delivery {
-                consumer: consumer.key,
+                consumer: key,
                 id: ready.id(),
                 redelivered: ready.redelivered(),
-                no_ack: consumer.no_ack,
+                no_ack,
                 logged: ready.location.len != 0,
                 message,
             });
@@ -461,7 +499,7 @@ impl Queue {
     pub fn get(&mut self, holder: ChannelKey, no_ack: bool) -> Option<Got> {
         let (ready, message) = self.pop_front()?;
         if !no_ack {
-            self.unacked.insert(
+            self.hold(
                 ready.id(),
                 Unacked {
                     message: message.clone(),
@@ -484,7 +522,7 @@ impl Queue {
     pub fn ack(&mut self, ids: &[MessageId], logged: &mut Vec<(MessageId, bool)>) -> usize {
         let mut settled = 0;
         for id in ids {
-            if let Some(unacked) = self.unacked.remove(id) {
+            if let Some(unacked) = self.release(*id) {
                 settled += 1;
                 if unacked.location.is_some() {
                     logged.push((*id, unacked.message.is_persistent()));
@@ -566,18 +604,36 @@ impl Queue {
         Some(ready.persistent())
     }
 
-    /// In-memory ready messages with no record in the log, from the back (delivered last), up
-    /// to `bytes`, keeping the first `keep`: what to write out before paging them. Stops at the
-    /// first message already paged out. Returned in queue order, so that written one after the
-    /// other their records lie in the log in the order they will be read back (page-in reads
-    /// contiguous records in one go).
+    /// Positions in `ready` the pager may take, in the order it takes them: the run of
+    /// in-memory messages at the back (delivered last), then the run after the first `keep`
+    /// at the front (messages requeued there, or read back for consumers that left). Each run
+    /// ends at a message already paged out, so the scan is bounded by what is in memory, not
+    /// by the queue's length; runs in the middle stay until the queue reaches them.
+    fn pageable_positions(&self, keep: usize) -> impl Iterator<Item = usize> {
+        let len = self.ready.len();
+        let mut back = len;
+        while back > keep && !self.ready[back - 1].is_paged() {
+            back -= 1;
+        }
+        let mut front = keep;
+        while front < back && !self.ready[front].is_paged() {
+            front += 1;
+        }
+        (back..len).rev().chain(keep.min(front)..front)
+    }
+
+    /// In-memory ready messages with no record in the log, up to `bytes`, keeping the first
+    /// `keep` (see `pageable_positions`): what to write out before paging them. Returned in
+    /// queue order, so that written one after the other their records lie in the log in the
+    /// order they will be read back (page-in reads contiguous records in one go).
     pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, Message)> {
         let mut out = Vec::new();
         let mut total = 0;
-        for ready in self.ready.iter().skip(keep).rev() {
-            if total >= bytes || ready.is_paged() {
+        for position in self.pageable_positions(keep) {
+            if total >= bytes {
                 break;
             }
+            let ready = &self.ready[position];
             if ready.location.len != 0 {
                 continue;
             }
@@ -586,14 +642,13 @@ impl Queue {
                 out.push((ready.id(), message.clone()));
             }
         }
-        out.reverse();
+        out.sort_unstable_by_key(|(id, _)| *id);
         out
     }
 
-    /// Pages out logged messages from the back of the queue (those delivered last) until
-    /// `bytes` are freed, keeping the first `keep` ready messages and any whose record is not
-    /// durable yet (`durable`). Stops at the first message already paged out: older ones in
-    /// memory are the ones about to be delivered. Returns the bytes freed.
+    /// Pages out logged messages until `bytes` are freed, keeping the first `keep` ready
+    /// messages and any whose record is not durable yet (`durable`), in the order of
+    /// `pageable_positions`. Returns the bytes freed.
     pub fn page_out(
         &mut self,
         bytes: usize,
@@ -601,13 +656,11 @@ impl Queue {
         durable: impl Fn(&Location) -> bool,
     ) -> usize {
         let mut freed = 0;
-        let mut index = self.ready.len();
-        while freed < bytes && index > keep {
-            index -= 1;
-            let ready = &self.ready[index];
-            if ready.is_paged() {
+        for position in self.pageable_positions(keep) {
+            if freed >= bytes {
                 break;
             }
+            let ready = &self.ready[position];
             if ready.location.len == 0 || !durable(&ready.location) {
                 continue;
             }
@@ -615,7 +668,7 @@ impl Queue {
             if let Some(message) = self.take(slot) {
                 freed += message.size_bytes();
             }
-            self.ready[index].slot = PAGED;
+            self.ready[position].slot = PAGED;
             self.paged_count += 1;
         }
         freed
@@ -659,7 +712,7 @@ impl Queue {
     pub fn requeue(&mut self, ids: &[MessageId]) -> usize {
         let mut requeued = 0;
         for id in ids {
-            if let Some(unacked) = self.unacked.remove(id) {
+            if let Some(unacked) = self.release(*id) {
                 self.insert_ready(*id, unacked.message, unacked.location);
                 requeued += 1;
             }
@@ -759,6 +812,8 @@ impl Queue {
             }
         }
         assert_eq!(bytes, self.memory_bytes, "memory_bytes drifted");
+        let held: usize = self.unacked.values().map(|u| u.message.size_bytes()).sum();
+        assert_eq!(held, self.unacked_bytes, "unacked_bytes drifted");
         assert_eq!(paged, self.paged_count, "paged_count drifted");
         assert_eq!(
             in_memory,
@@ -775,6 +830,8 @@ impl Drop for Queue {
     fn drop(&mut self) {
         // A deleted queue's messages no longer count against the shard's budget.
         self.meter.sub(self.memory_bytes);
+        let unacked = self.unacked_bytes;
+        self.forget_unacked_bytes(unacked);
     }
 }
 
@@ -1027,6 +1084,44 @@ mod tests {
     }
 
     #[test]
+    fn the_meter_counts_delivered_messages_until_they_are_settled() {
+        let meter = MemoryMeter::default();
+        let mut queue = Queue::with_meter(meter.clone());
+        for i in 0..4 {
+            queue.publish(message(&i.to_string()), None);
+        }
+        let one = meter.bytes() / 4;
+        queue.add_consumer(consumer(1, Credit::Unlimited)).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert_eq!(out.len(), 4);
+        assert_eq!(meter.bytes(), 0, "nothing ready");
+        assert_eq!(
+            meter.unacked_bytes(),
+            4 * one,
+            "all four held for their acks"
+        );
+        let ids: Vec<MessageId> = out.iter().map(|d| d.id).collect();
+        queue.ack(&ids[..1], &mut Vec::new());
+        assert_eq!(meter.unacked_bytes(), 3 * one);
+        queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+        queue.requeue(&ids[1..2]);
+        assert_eq!(
+            meter.unacked_bytes(),
+            2 * one,
+            "a requeued message is ready again"
+        );
+        assert_eq!(meter.bytes(), one);
+        queue.check_invariants();
+        drop(queue);
+        assert_eq!(
+            meter.bytes() + meter.unacked_bytes(),
+            0,
+            "a dropped queue gives all back"
+        );
+    }
+
+    #[test]
     fn unlogged_messages_are_written_out_from_the_back() {
         let mut queue = Queue::new();
         for i in 0..5 {
@@ -1058,6 +1153,40 @@ mod tests {
             vec![(1, false), (2, false), (3, false), (4, false)],
             "transient copies are reported as logged, not persistent"
         );
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn messages_requeued_before_a_paged_backlog_can_be_paged_too() {
+        let mut queue = Queue::new();
+        for i in 0..6 {
+            queue.publish(message(&i.to_string()), None);
+        }
+        queue.add_consumer(consumer(1, Credit::Unlimited)).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert_eq!(out.len(), 6);
+        queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+        for i in 6..9 {
+            queue.publish(message(&i.to_string()), Some(location(i)));
+        }
+        assert_eq!(
+            queue.page_out(usize::MAX, 0, |_| true),
+            3 * out[0].message.size_bytes()
+        );
+        // The consumer left: its six come back to the front, before the paged 6..9.
+        queue.requeue(&[0, 1, 2, 3, 4, 5]);
+        let ids: Vec<u64> = queue
+            .unlogged_from_back(usize::MAX, 2)
+            .iter()
+            .map(|(id, _)| *id)
+            .collect();
+        assert_eq!(ids, vec![2, 3, 4, 5], "the front run after the kept head");
+        for id in 2..6 {
+            assert!(queue.relocate(id, location(id)));
+        }
+        queue.page_out(usize::MAX, 2, |_| true);
+        assert_eq!(queue.paged_count(), 7);
         queue.check_invariants();
     }
 

@@ -203,4 +203,22 @@ pub enum ShardMessage {
         token: u64,
         reply: Reply,
     },
+    /// To every other shard: the sender's queues hold more messages in memory than paging
+    /// keeps up with (`paused`), or are back under their budget. Publishers wait meanwhile.
+    Flow {
+        paused: bool,
+    },
+}
+
+impl ShardMessage {
+    /// Bytes of message data this carries (what it holds in memory while it waits in an
+    /// outbox); zero for control messages.
+    pub fn message_bytes(&self) -> usize {
+        match self {
+            ShardMessage::Publish { message, .. } | ShardMessage::Deliver { message, .. } => {
+                message.size_bytes()
+            }
+            _ => 0,
+        }
+    }
 }

@@ -160,6 +160,8 @@ pub struct Session {
     consumer_window: u32,
     outbound_bytes_max: usize,
     tag_seed: ahash::RandomState,
+    /// Has published: its reads pause while the broker pauses publishers.
+    published: Cell<bool>,
 }
 
 /// How one settle method treats the deliveries it names.
@@ -190,6 +192,7 @@ impl Session {
             consumer_window,
             outbound_bytes_max,
             tag_seed: ahash::RandomState::new(),
+            published: Cell::new(false),
         })
     }
 
@@ -907,6 +910,7 @@ impl Session {
         mandatory: bool,
         content: Content,
     ) -> Vec<ShardId> {
+        self.published.set(true);
         let mut queues = Vec::new();
         self.shard.with_routing(vhost, |r| {
             r.route(
@@ -1273,6 +1277,11 @@ impl Session {
             );
         }
         self.shard.unregister_connection(self.connection);
+    }
+
+    /// Whether this connection has published (publisher flow control applies to it).
+    pub fn has_published(&self) -> bool {
+        self.published.get()
     }
 
     /// Grants window credit earned by written deliveries (called after the writer drained).

@@ -12,7 +12,7 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashMapExt};
 use log::{debug, warn};
@@ -52,6 +52,27 @@ const PAGE_IN_WINDOW: usize = 256;
 const PAGE_IN_BYTES_MAX: u64 = 1 << 20;
 /// Delivered marks per record at a clean shutdown.
 const MARKS_PER_RECORD: usize = 65536;
+/// A reader yields to the outbox's flush task once this much message data or this many
+/// messages wait in it: publishes reach their queues (and the pager and flow control see them)
+/// in bounded batches, however fast a client sends.
+const OUTBOX_FLUSH_BYTES: usize = 1 << 20;
+const OUTBOX_FLUSH_MESSAGES: usize = 4096;
+/// Readers stop reading while more message data than this waits in the outbox (the mesh is
+/// congested: another shard does not take its messages as fast as they come).
+const OUTBOX_BYTES_MAX: usize = 16 << 20;
+/// How often a shard that paused publishers looks whether its memory is back under the limit.
+const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(5);
+/// Publishers paused this long without memory falling resume (see `ShardBroker::check_flow`).
+const FLOW_STALL: Duration = Duration::from_secs(1);
+
+/// Hands the allocator's free pages back to the system. After a pause the pager has freed many
+/// message buffers scattered through the heap; glibc keeps such pages resident until trimmed.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks the allocator's own free lists; it has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
 
 /// What the broker needs from a local connection to hand it deliveries and confirms.
 pub trait ConnectionPort {
@@ -109,6 +130,8 @@ pub struct ShardBroker {
     /// Raised when a congested outbox drained (readers waiting on back-pressure resume).
     pub outbox_drained: Signal,
     outbox_messages_max: usize,
+    /// Bytes of message data waiting in the outbox (see `ShardMessage::message_bytes`).
+    outbox_bytes: Cell<usize>,
     coordinator: Option<Rc<Coordinator>>,
     placement: QueuePlacement,
     next_placement: Cell<usize>,
@@ -124,8 +147,17 @@ pub struct ShardBroker {
     memory_budget: usize,
     /// The pager runs again only once memory passed this (it found nothing more to page).
     page_out_floor: Cell<usize>,
+    /// Page-out writes (of messages not in the log yet) waiting for their sync.
+    page_out_writes: Cell<usize>,
     /// Queues with a page-in under way.
     paging_in: RefCell<ahash::HashSet<QueueKey>>,
+    /// Per shard (this one included): whether its messages in memory are over the flow limit.
+    /// Publishing connections do not read while any is.
+    flow_paused: RefCell<Vec<bool>>,
+    /// Raised when no shard is over the flow limit any more.
+    pub flow_resumed: Signal,
+    /// This shard pauses publishers past this many bytes of messages in memory.
+    flow_limit: Cell<usize>,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
 }
@@ -160,6 +192,7 @@ impl ShardBroker {
             flush_scheduled: Cell::new(false),
             outbox_drained: Signal::default(),
             outbox_messages_max: config.runtime.mesh_channel_capacity * 64,
+            outbox_bytes: Cell::new(0),
             coordinator: (id == COORDINATOR).then(Coordinator::new),
             placement: config.queues.placement,
             next_placement: Cell::new(0),
@@ -171,7 +204,11 @@ impl ShardBroker {
             meter: MemoryMeter::default(),
             memory_budget: config.queues.memory_budget_bytes,
             page_out_floor: Cell::new(0),
+            page_out_writes: Cell::new(0),
             paging_in: RefCell::new(ahash::HashSet::default()),
+            flow_paused: RefCell::new(vec![false; shard_count]),
+            flow_resumed: Signal::default(),
+            flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
             meta_log: RefCell::new(None),
         });
         if let Some(coordinator) = &broker.coordinator {
@@ -213,13 +250,113 @@ impl ShardBroker {
 
     /// Whether outgoing traffic is piling up faster than the mesh takes it: readers should pause.
     pub fn is_backlogged(&self) -> bool {
-        let total: usize = self.outbox.borrow().iter().map(Vec::len).sum();
-        total > self.outbox_messages_max
+        self.outbox_bytes.get() > OUTBOX_BYTES_MAX || self.outbox_len() > self.outbox_messages_max
+    }
+
+    /// Whether the outbox holds enough that a reader should yield, so the flush task hands it
+    /// on (to the queues here or the mesh) before the reader reads more.
+    pub fn wants_flush(&self) -> bool {
+        self.outbox_bytes.get() >= OUTBOX_FLUSH_BYTES || self.outbox_len() >= OUTBOX_FLUSH_MESSAGES
+    }
+
+    fn outbox_len(&self) -> usize {
+        self.outbox.borrow().iter().map(Vec::len).sum()
+    }
+
+    /// Whether publishers should stop reading: some shard holds more messages in memory than
+    /// paging keeps up with.
+    pub fn publishers_paused(&self) -> bool {
+        self.flow_paused.borrow().iter().any(|paused| *paused)
+    }
+
+    fn set_flow(&self, shard: ShardId, paused: bool) {
+        let mut flags = self.flow_paused.borrow_mut();
+        if let Some(flag) = flags.get_mut(shard.index()) {
+            *flag = paused;
+        }
+        if !flags.iter().any(|paused| *paused) {
+            drop(flags);
+            self.flow_resumed.notify_all();
+        }
+    }
+
+    /// Pauses publishers everywhere once this shard's messages in memory pass the flow limit
+    /// (twice the budget: the pager writes more slowly than they arrive), and resumes them from
+    /// a watcher once they are back under one and a half budgets. What paging cannot take (the
+    /// read-ahead of consumed queues, say) must not stall publishers for good: when memory has
+    /// not fallen for `FLOW_STALL` and the pager has no write under way, they resume and the
+    /// limit moves a budget above. (A slow disk keeps them paused: its writes are under way.)
+    fn check_flow(self: &Rc<Self>) {
+        let paused = self.flow_paused.borrow()[self.id.index()];
+        if paused || self.messages_in_memory() <= self.flow_limit.get() {
+            return;
+        }
+        info!(
+            "{}: {} bytes of ready and {} of unacked messages in memory (budget {}): \
+             publishers paused",
+            self.id,
+            self.meter.bytes(),
+            self.meter.unacked_bytes(),
+            self.memory_budget
+        );
+        self.announce_flow(true);
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let resume_at = shard.memory_budget / 2 * 3;
+            let mut lowest = shard.messages_in_memory();
+            let mut fell_at = Instant::now();
+            loop {
+                glommio::timer::sleep(FLOW_CHECK_INTERVAL).await;
+                // Paging runs on publishes, which are paused: run it from here.
+                shard.page_out_floor.set(0);
+                shard.maybe_page_out();
+                let now = shard.messages_in_memory();
+                if now <= resume_at {
+                    shard.flow_limit.set(shard.memory_budget.saturating_mul(2));
+                    info!("{}: publishers resumed", shard.id);
+                    break;
+                }
+                if now < lowest {
+                    lowest = now;
+                    fell_at = Instant::now();
+                } else if fell_at.elapsed() >= FLOW_STALL && shard.page_out_writes.get() == 0 {
+                    shard
+                        .flow_limit
+                        .set(now.saturating_add(shard.memory_budget));
+                    info!(
+                        "{}: {now} bytes of messages in memory do not page out: publishers \
+                         resumed up to {} bytes",
+                        shard.id,
+                        shard.flow_limit.get()
+                    );
+                    break;
+                }
+            }
+            shard.announce_flow(false);
+            release_free_memory();
+        })
+        .detach();
+    }
+
+    /// What the memory alarm watches: ready messages in memory and delivered ones not acked.
+    fn messages_in_memory(&self) -> usize {
+        self.meter.bytes() + self.meter.unacked_bytes()
+    }
+
+    fn announce_flow(self: &Rc<Self>, paused: bool) {
+        self.set_flow(self.id, paused);
+        for peer in (0..self.shard_count).map(ShardId) {
+            if peer != self.id {
+                self.post(peer, ShardMessage::Flow { paused });
+            }
+        }
     }
 
     /// Queues `message` for `to` (possibly this shard); it leaves when the current task yields.
     pub fn post(self: &Rc<Self>, to: ShardId, message: ShardMessage) {
         if let Some(outbox) = self.outbox.borrow_mut().get_mut(to.index()) {
+            self.outbox_bytes
+                .set(self.outbox_bytes.get() + message.message_bytes());
             outbox.push(message);
         } else {
             warn!("{}: message for unknown {to} dropped", self.id);
@@ -282,6 +419,7 @@ impl ShardBroker {
                     .map(|(index, batch)| (index, std::mem::take(batch)))
                     .collect()
             };
+            self.outbox_bytes.set(0);
             if batches.is_empty() {
                 break;
             }
@@ -309,6 +447,8 @@ impl ShardBroker {
                     }),
                     Err(SendError::Congested(crate::runtime::mesh::Envelope::Message(batch))) => {
                         // Put it back in front of anything queued since, and retry shortly.
+                        let bytes: usize = batch.iter().map(ShardMessage::message_bytes).sum();
+                        self.outbox_bytes.set(self.outbox_bytes.get() + bytes);
                         let mut outbox = self.outbox.borrow_mut();
                         let newer = std::mem::replace(&mut outbox[index], batch);
                         outbox[index].extend(newer);
@@ -393,12 +533,14 @@ impl ShardBroker {
                     self.dispatch(&key);
                 }
                 self.maybe_page_out();
+                self.check_flow();
                 if let Some(confirm) = confirm {
                     self.after_logged(logged, move |shard, ok| {
                         shard.post(from, ShardMessage::Confirmed { to: confirm, ok })
                     });
                 }
             }
+            ShardMessage::Flow { paused } => self.set_flow(from, paused),
             ShardMessage::Confirmed { to, ok } => {
                 let port = self.connections.borrow().get(&to.connection).cloned();
                 if let Some(port) = port {
@@ -879,7 +1021,9 @@ impl ShardBroker {
                     .queue
                     .page_out(target - freed, keep, |l| wal.is_durable(l));
             }
-            let mut wanted = target.saturating_sub(freed);
+            // Write out at most a quarter budget per pass (the next pass follows its sync): the
+            // log holds copies of what it writes until then.
+            let mut wanted = target.saturating_sub(freed).min(self.memory_budget / 4);
             for (key, owned) in queues.iter() {
                 if wanted == 0 {
                     break;
@@ -911,8 +1055,10 @@ impl ShardBroker {
             }
         }
         if writing {
+            self.page_out_writes.set(self.page_out_writes.get() + 1);
             let shard = self.clone();
             wal.after_all_synced(move |_| {
+                shard.page_out_writes.set(shard.page_out_writes.get() - 1);
                 shard.page_out_floor.set(0);
                 shard.maybe_page_out();
             });

@@ -27,6 +27,7 @@ use log::{debug, info, warn};
 use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
 use crate::broker::session::Session;
 use crate::broker::shard::ShardBroker;
+use crate::codec::{ConnectionBlocked, ConnectionUnblocked, Method, ShortStr};
 use crate::runtime::sync::{Event, Notify};
 
 /// One live connection, as its shard sees it.
@@ -45,6 +46,11 @@ pub struct Connection {
     /// Bytes the writer holds but has not written yet.
     in_flight_bytes: Cell<usize>,
     reader_done: Cell<bool>,
+    /// The reader holds off (back-pressure or flow control); missed heartbeats do not count
+    /// meanwhile, as the client's heartbeats wait unread in the socket.
+    reader_paused: Cell<bool>,
+    /// Wakes a reader held off by flow control when the connection starts closing.
+    closing: Notify,
     finished: Event,
     last_read: Cell<Instant>,
     last_write: Cell<Instant>,
@@ -142,6 +148,8 @@ impl Connection {
             drained: Notify::default(),
             in_flight_bytes: Cell::new(0),
             reader_done: Cell::new(false),
+            reader_paused: Cell::new(false),
+            closing: Notify::default(),
             finished: Event::default(),
             last_read: Cell::new(now),
             last_write: Cell::new(now),
@@ -157,6 +165,7 @@ impl Connection {
     pub fn begin_shutdown(&self) {
         self.machine.borrow_mut().begin_shutdown();
         self.write_wanted.notify();
+        self.closing.notify();
     }
 
     /// Gives up on the peer: no more reads or writes, and the socket is shut down so that a
@@ -166,6 +175,7 @@ impl Connection {
         shutdown_socket(self.fd, libc::SHUT_RDWR);
         self.write_wanted.notify();
         self.drained.notify();
+        self.closing.notify();
     }
 
     /// Runs the connection to its end. Spawns the writer and the timer, reads until the peer or
@@ -202,8 +212,8 @@ impl Connection {
         let mut read_size = ReadSize::new(self.settings.limits.read_chunk_bytes);
         let mut input = BytesMut::with_capacity(read_size.next());
         loop {
-            // Back-pressure: stop reading while the client does not read what we send, or
-            // while our mesh outbox is not draining.
+            // Back-pressure: stop reading while the client does not read what we send, while
+            // our mesh outbox is not draining, or (publishers) while memory is over its limit.
             loop {
                 if self.phase() == Phase::Closed {
                     if self.machine.borrow().input_refused() {
@@ -212,12 +222,20 @@ impl Connection {
                     return;
                 }
                 if self.pending_outbound_bytes() > limit {
+                    self.reader_paused.set(true);
                     self.drained.wait().await;
                 } else if self.shard.is_backlogged() {
+                    self.reader_paused.set(true);
                     self.shard.outbox_drained.wait().await;
+                } else if self.publishing_blocked() {
+                    self.reader_paused.set(true);
+                    self.hold_off_publisher().await;
                 } else {
                     break;
                 }
+            }
+            if self.reader_paused.replace(false) {
+                self.last_read.set(Instant::now());
             }
             let filled = input.len();
             let asked = read_size.next();
@@ -251,7 +269,39 @@ impl Connection {
             if !self.machine.borrow_mut().outbound().is_empty() {
                 self.write_wanted.notify();
             }
+            if self.shard.wants_flush() {
+                futures_lite::future::yield_now().await;
+            }
         }
+    }
+
+    /// Whether flow control holds this connection's reads: it has published, and some shard
+    /// holds more messages in memory than paging keeps up with (as RabbitMQ's memory alarm
+    /// blocks publishing connections; connections that only consume go on).
+    fn publishing_blocked(&self) -> bool {
+        self.phase() == Phase::Open
+            && self.session.has_published()
+            && self.shard.publishers_paused()
+    }
+
+    /// Waits until flow control lets publishers go on (or the connection closes), telling a
+    /// client that asked for it with connection.blocked and connection.unblocked.
+    async fn hold_off_publisher(&self) {
+        let notify = self.machine.borrow().client().connection_blocked;
+        if notify {
+            self.send_connection_method(&Method::ConnectionBlocked(ConnectionBlocked {
+                reason: ShortStr::from_static("low on memory"),
+            }));
+        }
+        futures_lite::future::or(self.shard.flow_resumed.wait(), self.closing.wait()).await;
+        if notify && self.phase() == Phase::Open {
+            self.send_connection_method(&Method::ConnectionUnblocked(ConnectionUnblocked {}));
+        }
+    }
+
+    fn send_connection_method(&self, method: &Method) {
+        self.machine.borrow_mut().send_method(0, method);
+        self.write_wanted.notify();
     }
 
     /// After the machine refused the input: reads and drops what the client still sends (the
@@ -371,7 +421,7 @@ impl Connection {
             }
             if let Some(secs) = heartbeat {
                 let interval = Duration::from_secs(u64::from(secs));
-                if now - self.last_read.get() > interval * 2 {
+                if !self.reader_paused.get() && now - self.last_read.get() > interval * 2 {
                     warn!("{peer}: missed heartbeats from client, timeout: {secs}s");
                     self.force_close();
                     return;

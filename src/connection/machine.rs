@@ -233,6 +233,8 @@ pub struct ClientInfo {
     pub connection_name: String,
     pub consumer_cancel_notify: bool,
     pub authentication_failure_close: bool,
+    /// Wants connection.blocked / unblocked while publishers are held off.
+    pub connection_blocked: bool,
 }
 
 impl ClientInfo {
@@ -256,6 +258,7 @@ impl ClientInfo {
             connection_name: text("connection_name"),
             consumer_cancel_notify: capability("consumer_cancel_notify"),
             authentication_failure_close: capability("authentication_failure_close"),
+            connection_blocked: capability("connection.blocked"),
         }
     }
 }

@@ -142,14 +142,46 @@ def scenarios(pika, port):
             large_message, errors_close_the_channel_with_codes]
 
 
-def main():
-    client_env.reexec_in_venv(["pika==1.3.2"])
-    import pika
+def memory_alarm_scenarios(pika, port):
+    """Run against a broker with a 1 MiB memory budget per shard."""
+    params = pika.ConnectionParameters(host="127.0.0.1", port=port,
+                                       credentials=pika.PlainCredentials("guest", "guest"),
+                                       blocked_connection_timeout=30)
+
+    def memory_alarm_blocks_and_unblocks_publisher():
+        # A publisher without confirms, faster than the broker pages messages out, is held off
+        # with connection.blocked and let go with connection.unblocked; nothing is lost.
+        size, count = 4096, 20000
+        events = []
+        with pika.BlockingConnection(params) as c:
+            c.add_on_connection_blocked_callback(lambda _c, frame: events.append(
+                ("blocked", frame.method.reason)))
+            c.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
+            ch = c.channel()
+            ch.queue_declare("py.firehose")
+            body = b"x" * size
+            for _ in range(count):
+                ch.basic_publish("", "py.firehose", body)
+            deadline = time.time() + 60
+            while time.time() < deadline:
+                c.process_data_events(time_limit=0.1)
+                depth = ch.queue_declare("py.firehose", passive=True).method.message_count
+                if depth == count and events and events[-1] == ("unblocked",):
+                    break
+            assert ("blocked", "low on memory") in events, events
+            assert events[-1] == ("unblocked",), events
+            assert depth == count, depth
+            ch.queue_delete("py.firehose")
+
+    return [memory_alarm_blocks_and_unblocks_publisher]
+
+
+def run_all(pika, config_extra, make_scenarios):
     passed = failed = 0
     with tempfile.TemporaryDirectory() as data_dir:
-        broker = brokers.start_shardmq_for_tests(data_dir, ROOT)
+        broker = brokers.start_shardmq_for_tests(data_dir, ROOT, config_extra)
         try:
-            for scenario in scenarios(pika, broker.port):
+            for scenario in make_scenarios(pika, broker.port):
                 try:
                     scenario()
                     passed += 1
@@ -163,6 +195,17 @@ def main():
             if failed:
                 with open(os.path.join(data_dir, "shardmq.log")) as log:
                     print(log.read()[-4000:])
+    return passed, failed
+
+
+def main():
+    client_env.reexec_in_venv(["pika==1.3.2"])
+    import pika
+    passed, failed = run_all(pika, "", scenarios)
+    alarm_passed, alarm_failed = run_all(pika, "memory_budget_bytes = 1048576\n",
+                                         memory_alarm_scenarios)
+    passed += alarm_passed
+    failed += alarm_failed
     print(f"{passed} passed, {failed} failed")
     sys.exit(1 if failed else 0)
 

@@ -132,15 +132,16 @@ class Broker:
         self.log.close()
 
 
-def start_shardmq_for_tests(workdir, root):
+def start_shardmq_for_tests(workdir, root, config_extra=""):
     """target/debug/shardmq (built if missing) with 2 shards and queues spread over both, the
-    set-up the client scenario scripts and the differential suite test against."""
+    set-up the client scenario scripts and the differential suite test against; `config_extra`
+    is appended to its config file (TOML)."""
     binary = os.path.join(root, "target", "debug", "shardmq")
     if not os.path.exists(binary):
         subprocess.run(["cargo", "build", "-q", "--bin", "shardmq"], cwd=root, check=True)
     config = os.path.join(workdir, "shardmq.toml")
     with open(config, "w") as f:
-        f.write('[queues]\nplacement = "balanced"\n')
+        f.write('[queues]\nplacement = "balanced"\n' + config_extra)
     port = free_port()
     command = [binary, "--config", config, "--listen", f"127.0.0.1:{port}", "--shards", "2",
                "--data-dir", os.path.join(workdir, "shardmq-data"), "--log-level", "warn"]
