@@ -46,8 +46,9 @@ pub struct Connection {
     /// Bytes the writer holds but has not written yet.
     in_flight_bytes: Cell<usize>,
     reader_done: Cell<bool>,
-    /// The reader holds off (back-pressure or flow control); missed heartbeats do not count
-    /// meanwhile, as the client's heartbeats wait unread in the socket.
+    /// The reader is held by the memory alarm; missed heartbeats do not count meanwhile, as
+    /// the client's heartbeats wait unread in the socket (RabbitMQ does the same). A client
+    /// that stops reading what we send is not covered: it may be gone.
     reader_paused: Cell<bool>,
     /// Wakes a reader held off by flow control when the connection starts closing.
     closing: Notify,
@@ -222,10 +223,8 @@ impl Connection {
                     return;
                 }
                 if self.pending_outbound_bytes() > limit {
-                    self.reader_paused.set(true);
                     self.drained.wait().await;
                 } else if self.shard.is_backlogged() {
-                    self.reader_paused.set(true);
                     self.shard.outbox_drained.wait().await;
                 } else if self.publishing_blocked() {
                     self.reader_paused.set(true);
