@@ -8,6 +8,10 @@
 //! - a message to this same shard is handled by the flush task, never re-entrantly inside the
 //!   code that posted it (a connection may be mid-borrow when it publishes to its own queue).
 //!
+//! Memory: the pager keeps ready messages near `queues.memory_budget_bytes`; past twice that
+//! (ready and unacked messages) the shard raises its memory alarm (`check_flow`), and every
+//! shard's publishing connections stop reading until it clears.
+//!
 //! Invariant: a queue in `queues` is owned by this shard in every routing table copy.
 
 use std::cell::{Cell, RefCell};
@@ -300,42 +304,41 @@ impl ShardBroker {
             self.memory_budget
         );
         self.announce_flow(true);
-        let shard = self.clone();
-        glommio::spawn_local(async move {
-            let resume_at = shard.memory_budget / 2 * 3;
-            let mut lowest = shard.messages_in_memory();
-            let mut fell_at = Instant::now();
-            loop {
-                glommio::timer::sleep(FLOW_CHECK_INTERVAL).await;
-                // Paging runs on publishes, which are paused: run it from here.
-                shard.page_out_floor.set(0);
-                shard.maybe_page_out();
-                let now = shard.messages_in_memory();
-                if now <= resume_at {
-                    shard.flow_limit.set(shard.memory_budget.saturating_mul(2));
-                    info!("{}: publishers resumed", shard.id);
-                    break;
-                }
-                if now < lowest {
-                    lowest = now;
-                    fell_at = Instant::now();
-                } else if fell_at.elapsed() >= FLOW_STALL && shard.page_out_writes.get() == 0 {
-                    shard
-                        .flow_limit
-                        .set(now.saturating_add(shard.memory_budget));
-                    info!(
-                        "{}: {now} bytes of messages in memory do not page out: publishers \
-                         resumed up to {} bytes",
-                        shard.id,
-                        shard.flow_limit.get()
-                    );
-                    break;
-                }
+        glommio::spawn_local(self.clone().watch_flow()).detach();
+    }
+
+    /// While this shard holds publishers: runs the pager (which otherwise runs on publishes)
+    /// until memory is back under one and a half budgets or stalls, then lets publishers go.
+    async fn watch_flow(self: Rc<Self>) {
+        let resume_at = self.memory_budget / 2 * 3;
+        let mut lowest = self.messages_in_memory();
+        let mut fell_at = Instant::now();
+        loop {
+            glommio::timer::sleep(FLOW_CHECK_INTERVAL).await;
+            self.page_out_floor.set(0);
+            self.maybe_page_out();
+            let now = self.messages_in_memory();
+            if now <= resume_at {
+                self.flow_limit.set(self.memory_budget.saturating_mul(2));
+                info!("{}: publishers resumed", self.id);
+                break;
             }
-            shard.announce_flow(false);
-            release_free_memory();
-        })
-        .detach();
+            if now < lowest {
+                lowest = now;
+                fell_at = Instant::now();
+            } else if fell_at.elapsed() >= FLOW_STALL && self.page_out_writes.get() == 0 {
+                self.flow_limit.set(now.saturating_add(self.memory_budget));
+                info!(
+                    "{}: {now} bytes of messages in memory do not page out: publishers resumed \
+                     up to {} bytes",
+                    self.id,
+                    self.flow_limit.get()
+                );
+                break;
+            }
+        }
+        self.announce_flow(false);
+        release_free_memory();
     }
 
     /// What the memory alarm watches: ready messages in memory and delivered ones not acked.

@@ -149,29 +149,41 @@ def memory_alarm_scenarios(pika, port):
                                        blocked_connection_timeout=30)
 
     def memory_alarm_blocks_and_unblocks_publisher():
-        # A publisher without confirms, faster than the broker pages messages out, is held off
-        # with connection.blocked and let go with connection.unblocked; nothing is lost.
-        size, count = 4096, 20000
+        # A consumer without a prefetch limit that does not ack holds its deliveries in the
+        # broker's memory (they cannot be paged): past twice the budget, the publisher is
+        # blocked with connection.blocked; once the consumer acks, it gets connection.unblocked.
+        # Nothing is lost.
+        size, count = 4096, 2000
         events = []
-        with pika.BlockingConnection(params) as c:
+        with pika.BlockingConnection(params) as consumer_connection, \
+                pika.BlockingConnection(params) as c:
             c.add_on_connection_blocked_callback(lambda _c, frame: events.append(
                 ("blocked", frame.method.reason)))
             c.add_on_connection_unblocked_callback(lambda _c, _f: events.append(("unblocked",)))
             ch = c.channel()
-            ch.queue_declare("py.firehose")
+            ch.queue_declare("py.alarm")
+            held = []
+            consumer = consumer_connection.channel()
+            consumer.basic_consume("py.alarm", lambda _ch, method, _p, _b: held.append(method))
             body = b"x" * size
             for _ in range(count):
-                ch.basic_publish("", "py.firehose", body)
-            deadline = time.time() + 60
-            while time.time() < deadline:
-                c.process_data_events(time_limit=0.1)
-                depth = ch.queue_declare("py.firehose", passive=True).method.message_count
-                if depth == count and events and events[-1] == ("unblocked",):
+                ch.basic_publish("", "py.alarm", body)
+                if events:
                     break
+            deadline = time.time() + 30
+            while not events and time.time() < deadline:
+                c.process_data_events(time_limit=0.1)
+                consumer_connection.process_data_events(time_limit=0.1)
             assert ("blocked", "low on memory") in events, events
+            # Take and ack every delivery until the publisher is let go.
+            deadline = time.time() + 30
+            while events[-1] != ("unblocked",) and time.time() < deadline:
+                consumer_connection.process_data_events(time_limit=0.1)
+                if held:
+                    consumer.basic_ack(held[-1].delivery_tag, multiple=True)
+                    held.clear()
+                c.process_data_events(time_limit=0.05)
             assert events[-1] == ("unblocked",), events
-            assert depth == count, depth
-            ch.queue_delete("py.firehose")
 
     return [memory_alarm_blocks_and_unblocks_publisher]
 
