@@ -100,6 +100,12 @@ impl LogWriter {
                 if self.closed.get() {
                     return;
                 }
+                // Idle: keep no more than the partial last block. A shard keeps a writer per
+                // segment, and all but the newest stay idle until their segment is deleted.
+                *self.pending.borrow_mut() = BytesMut::new();
+                if tail.capacity() > tail.len() {
+                    tail = BytesMut::from(&tail[..]);
+                }
                 self.wake.wait().await;
                 continue;
             }
