@@ -101,7 +101,7 @@ impl Broker {
         let log = Arc::new(Mutex::new(String::new()));
         let mut stderr = child.stderr.take().expect("stderr");
         let stderr_log = log.clone();
-        std::thread::spawn(move || {
+        let stderr_reader = std::thread::spawn(move || {
             let mut chunk = [0u8; 4096];
             while let Ok(n) = stderr.read(&mut chunk) {
                 if n == 0 {
@@ -127,10 +127,11 @@ impl Broker {
             Err(_) => {
                 let _ = child.kill();
                 let _ = child.wait();
-                panic!(
-                    "shardmq did not start within {START_TIMEOUT:?}; its log:\n{}",
-                    log.lock().unwrap()
-                );
+                // The process is gone: read the rest of its log before quoting it (it may
+                // have exited at once, before the reader caught up).
+                let _ = stderr_reader.join();
+                let text = log.lock().map(|l| l.clone()).unwrap_or_default();
+                panic!("shardmq did not start within {START_TIMEOUT:?}; its log:\n{text}");
             }
         };
         Broker {
