@@ -208,7 +208,8 @@ impl Session {
         ShortStr::try_from(machine.vhost().unwrap_or("/")).unwrap_or_default()
     }
 
-    fn send(&self, channel: u16, method: impl Into<Method>) {
+    /// Queues `method` on `channel` for the writer.
+    pub fn send(&self, channel: u16, method: impl Into<Method>) {
         self.machine
             .borrow_mut()
             .send_method(channel, &method.into());

@@ -27,7 +27,7 @@ use log::{debug, info, warn};
 use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
 use crate::broker::session::Session;
 use crate::broker::shard::ShardBroker;
-use crate::codec::{ConnectionBlocked, ConnectionUnblocked, Method, ShortStr};
+use crate::codec::{ConnectionBlocked, ConnectionUnblocked, ShortStr};
 use crate::runtime::sync::{Event, Notify};
 
 /// One live connection, as its shard sees it.
@@ -288,19 +288,13 @@ impl Connection {
     async fn hold_off_publisher(&self) {
         let notify = self.machine.borrow().client().connection_blocked;
         if notify {
-            self.send_connection_method(&Method::ConnectionBlocked(ConnectionBlocked {
-                reason: ShortStr::from_static("low on memory"),
-            }));
+            let reason = ShortStr::from_static("low on memory");
+            self.session.send(0, ConnectionBlocked { reason });
         }
         futures_lite::future::or(self.shard.flow_resumed.wait(), self.closing.wait()).await;
         if notify && self.phase() == Phase::Open {
-            self.send_connection_method(&Method::ConnectionUnblocked(ConnectionUnblocked {}));
+            self.session.send(0, ConnectionUnblocked {});
         }
-    }
-
-    fn send_connection_method(&self, method: &Method) {
-        self.machine.borrow_mut().send_method(0, method);
-        self.write_wanted.notify();
     }
 
     /// After the machine refused the input: reads and drops what the client still sends (the
