@@ -45,9 +45,43 @@ impl Message {
         body: Bytes,
         persistent: bool,
     ) -> Message {
+        let envelope = Self::build_envelope(exchange, routing_key, properties, persistent, 0);
+        Message {
+            envelope: envelope.freeze(),
+            body,
+        }
+    }
+
+    /// Like `new`, but copies `body` into the envelope's buffer: a small message then costs one
+    /// buffer and one shared header, where a separate body costs two of each.
+    pub fn with_copied_body(
+        exchange: &[u8],
+        routing_key: &[u8],
+        properties: &[u8],
+        body: &[u8],
+        persistent: bool,
+    ) -> Message {
+        let mut envelope =
+            Self::build_envelope(exchange, routing_key, properties, persistent, body.len());
+        let envelope_len = envelope.len();
+        envelope.put_slice(body);
+        let body = envelope.split_off(envelope_len);
+        Message {
+            envelope: envelope.freeze(),
+            body: body.freeze(),
+        }
+    }
+
+    fn build_envelope(
+        exchange: &[u8],
+        routing_key: &[u8],
+        properties: &[u8],
+        persistent: bool,
+        extra: usize,
+    ) -> BytesMut {
         assert!(exchange.len() <= 255 && routing_key.len() <= 255);
         let mut envelope = BytesMut::with_capacity(
-            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len(),
+            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len() + extra,
         );
         envelope.put_u8(exchange.len() as u8);
         envelope.put_u8(routing_key.len() as u8);
@@ -55,10 +89,7 @@ impl Message {
         envelope.put_slice(exchange);
         envelope.put_slice(routing_key);
         envelope.put_slice(properties);
-        Message {
-            envelope: envelope.freeze(),
-            body,
-        }
+        envelope
     }
 
     /// Rebuilds a message from its envelope and body as logged; `None` if the envelope is
@@ -92,6 +123,18 @@ impl Message {
     pub fn routing_key(&self) -> &[u8] {
         let start = PREFIX_BYTES + self.exchange_len();
         &self.envelope[start..start + self.routing_key_len()]
+    }
+
+    /// The exchange name as a handle on the envelope (no copy).
+    pub fn exchange_shared(&self) -> Bytes {
+        self.envelope
+            .slice(PREFIX_BYTES..PREFIX_BYTES + self.exchange_len())
+    }
+
+    /// The routing key as a handle on the envelope (no copy).
+    pub fn routing_key_shared(&self) -> Bytes {
+        let start = PREFIX_BYTES + self.exchange_len();
+        self.envelope.slice(start..start + self.routing_key_len())
     }
 
     /// The encoded content properties, ready to go into a content header frame.
@@ -134,6 +177,25 @@ mod tests {
         assert_eq!(&message.body()[..], b"hi");
         assert!(message.is_persistent());
         assert_eq!(message.size_bytes(), 2 + 3 + 2 + 4 + 3 + BOOKKEEPING_BYTES);
+    }
+
+    #[test]
+    fn a_copied_body_shares_the_envelope_buffer() {
+        let message = Message::with_copied_body(b"ex", b"rk", &[0x10, 0, 2], b"body", false);
+        assert_eq!(message.exchange(), b"ex");
+        assert_eq!(message.routing_key(), b"rk");
+        assert_eq!(message.properties(), &[0x10, 0, 2]);
+        assert_eq!(&message.body()[..], b"body");
+        assert!(!message.is_persistent());
+        assert_eq!(&message.exchange_shared()[..], b"ex");
+        assert_eq!(&message.routing_key_shared()[..], b"rk");
+        // Clones and drops in any order leave both parts intact.
+        let copy = message.clone();
+        drop(message);
+        assert_eq!(&copy.body()[..], b"body");
+        assert_eq!(copy.properties(), &[0x10, 0, 2]);
+        let empty = Message::with_copied_body(b"", b"", &[], b"", true);
+        assert!(empty.body().is_empty() && empty.exchange().is_empty());
     }
 
     #[test]

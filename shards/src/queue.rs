@@ -32,7 +32,7 @@ use std::cell::Cell;
 use std::collections::VecDeque;
 use std::rc::Rc;
 
-use ahash::HashMap;
+use crate::id_map::IdMap;
 
 use crate::message::Message;
 use crate::ShardId;
@@ -242,7 +242,7 @@ pub struct Queue {
     memory_bytes: usize,
     paged_count: usize,
     meter: MemoryMeter,
-    unacked: HashMap<MessageId, Unacked>,
+    unacked: IdMap<Unacked>,
     /// Bytes of the messages in `unacked` (see `MemoryMeter::unacked_bytes`).
     unacked_bytes: usize,
     consumers: Vec<Consumer>,
@@ -319,7 +319,7 @@ impl Queue {
 
     /// Takes a delivered message back (settled or requeued).
     fn release(&mut self, id: MessageId) -> Option<Unacked> {
-        let unacked = self.unacked.remove(&id)?;
+        let unacked = self.unacked.remove(id)?;
         self.forget_unacked_bytes(unacked.message.size_bytes());
         Some(unacked)
     }
@@ -676,7 +676,7 @@ impl Queue {
 
     /// A message was logged again elsewhere (compaction): remember its new place.
     pub fn relocate(&mut self, id: MessageId, location: Location) -> bool {
-        if let Some(unacked) = self.unacked.get_mut(&id) {
+        if let Some(unacked) = self.unacked.get_mut(id) {
             unacked.location = Some(location);
             return true;
         }
@@ -696,7 +696,7 @@ impl Queue {
             .unacked
             .iter()
             .filter(|(_, u)| u.message.is_persistent())
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         ids.extend(
             self.ready
@@ -726,7 +726,7 @@ impl Queue {
             .unacked
             .iter()
             .filter(|(_, u)| u.holder == channel)
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         ids.sort_unstable();
         self.requeue(&ids)
@@ -748,7 +748,7 @@ impl Queue {
 
     /// A message still in the queue, ready or delivered.
     pub fn find(&self, id: MessageId) -> Option<Found<'_>> {
-        if let Some(unacked) = self.unacked.get(&id) {
+        if let Some(unacked) = self.unacked.get(id) {
             return Some(Found {
                 message: Some(&unacked.message),
                 location: unacked.location,
@@ -793,7 +793,7 @@ impl Queue {
         for ready in &self.ready {
             assert!(previous < Some(ready.id()), "ready out of order");
             assert!(
-                !self.unacked.contains_key(&ready.id()),
+                !self.unacked.contains_key(ready.id()),
                 "id both ready and unacked"
             );
             previous = Some(ready.id());

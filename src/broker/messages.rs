@@ -12,10 +12,14 @@
 
 use shards::queue::{ChannelKey, Consumer, ConsumerKey, Got, MessageId};
 use shards::{Message, ShardId};
+use smallvec::SmallVec;
 
 use super::routing::{BindingDef, ConnectionRef, ExchangeDef, MetaOp};
 use crate::codec::{FieldTable, ShortStr};
 use crate::connection::error::AmqpError;
+
+/// Ids a settlement names; inline for the usual few (an ack of one allocates nothing).
+pub type SettledIds = SmallVec<[MessageId; 4]>;
 
 /// A queue, named within its vhost.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -118,7 +122,8 @@ pub enum ShardMessage {
     /// To the owner of `queues` (all on the receiving shard).
     Publish {
         vhost: ShortStr,
-        queues: Vec<ShortStr>,
+        /// Inline for the usual single queue: a publish allocates no list.
+        queues: SmallVec<[ShortStr; 1]>,
         message: Message,
         confirm: Option<ConfirmTo>,
     },
@@ -150,7 +155,7 @@ pub enum ShardMessage {
     /// Settle delivered messages: ack (drop) or requeue.
     Settle {
         queue: QueueKey,
-        ids: Vec<MessageId>,
+        ids: SettledIds,
         requeue: bool,
     },
     Get {

@@ -25,9 +25,14 @@ use ahash::HashMap;
 use log::debug;
 use shards::queue::{Consumer, Credit, MessageId};
 use shards::{Message, ShardId};
+use smallvec::{smallvec, SmallVec};
 
-use super::messages::{ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, ShardMessage};
-use super::routing::{BindingDef, ConnectionRef, Destination, ExchangeDef, ExchangeKind};
+use super::messages::{
+    ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, SettledIds, ShardMessage,
+};
+use super::routing::{
+    BindingDef, ConnectionRef, Destination, ExchangeDef, ExchangeKind, RoutedQueue,
+};
 use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
 use crate::codec::{
     BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicDeliver, BasicGetEmpty, BasicGetOk,
@@ -162,6 +167,10 @@ pub struct Session {
     tag_seed: ahash::RandomState,
     /// Has published: its reads pause while the broker pauses publishers.
     published: Cell<bool>,
+    /// The vhost opened (connection.open sets it once), kept so commands do not rebuild it.
+    vhost: RefCell<Option<ShortStr>>,
+    /// Reused by `publish` for the queues a message routes to.
+    routed: RefCell<Vec<RoutedQueue>>,
 }
 
 /// How one settle method treats the deliveries it names.
@@ -193,6 +202,8 @@ impl Session {
             outbound_bytes_max,
             tag_seed: ahash::RandomState::new(),
             published: Cell::new(false),
+            vhost: RefCell::new(None),
+            routed: RefCell::new(Vec::new()),
         })
     }
 
@@ -204,8 +215,15 @@ impl Session {
     }
 
     fn vhost(&self) -> ShortStr {
+        if let Some(vhost) = &*self.vhost.borrow() {
+            return vhost.clone();
+        }
         let machine = self.machine.borrow();
-        ShortStr::try_from(machine.vhost().unwrap_or("/")).unwrap_or_default()
+        let vhost = ShortStr::try_from(machine.vhost().unwrap_or("/")).unwrap_or_default();
+        if machine.vhost().is_some() {
+            *self.vhost.borrow_mut() = Some(vhost.clone());
+        }
+        vhost
     }
 
     /// Queues `method` on `channel` for the writer.
@@ -643,6 +661,7 @@ impl Session {
                         &m.routing_key,
                         m.mandatory,
                         content,
+                        None,
                     );
                 }
             }
@@ -672,7 +691,7 @@ impl Session {
                         owner,
                         ShardMessage::Settle {
                             queue,
-                            ids: vec![got.id],
+                            ids: smallvec![got.id],
                             requeue: true,
                         },
                     );
@@ -698,8 +717,8 @@ impl Session {
                 let get_ok = BasicGetOk {
                     delivery_tag,
                     redelivered: got.redelivered,
-                    exchange: short(message.exchange()),
-                    routing_key: short(message.routing_key()),
+                    exchange: short(message.exchange_shared()),
+                    routing_key: short(message.routing_key_shared()),
                     message_count: got.remaining,
                 };
                 self.machine.borrow_mut().send_content(
@@ -748,18 +767,15 @@ impl Session {
                             mandatory,
                             content,
                         } => {
-                            for owner in self.publish(
+                            self.publish(
                                 channel,
                                 &vhost,
                                 &exchange,
                                 &routing_key,
                                 mandatory,
                                 *content,
-                            ) {
-                                if !owners.contains(&owner) {
-                                    owners.push(owner);
-                                }
-                            }
+                                Some(&mut owners),
+                            );
                         }
                         TxOp::Settle {
                             delivery_tag,
@@ -902,6 +918,9 @@ impl Session {
     }
 
     /// Routes and enqueues one message; confirms and returns as the channel's mode asks.
+    /// Routes and posts one message; the owning shards it went to are added to `owners` (a
+    /// transaction's commit waits for them).
+    #[allow(clippy::too_many_arguments)]
     fn publish(
         self: &Rc<Self>,
         channel: u16,
@@ -910,15 +929,18 @@ impl Session {
         routing_key: &ShortStr,
         mandatory: bool,
         content: Content,
-    ) -> Vec<ShardId> {
+        mut owners: Option<&mut Vec<ShardId>>,
+    ) {
         self.published.set(true);
-        let mut queues = Vec::new();
+        // Taken out (not borrowed) for the duration: posting below never re-enters, but a
+        // nested publish would find an empty vector and simply allocate its own.
+        let mut routed = std::mem::take(&mut *self.routed.borrow_mut());
         self.shard.with_routing(vhost, |r| {
             r.route(
                 exchange,
                 routing_key,
                 content.header.properties.headers.as_ref(),
-                &mut queues,
+                &mut routed,
             )
         });
         let seq = self.with_channel(channel, |c| {
@@ -927,21 +949,30 @@ impl Session {
                 confirms.next_seq
             })
         });
+        let persistent = content.header.properties.is_persistent();
+        let properties = &content.header.raw_properties;
         // A small body is a slice of a whole read buffer: queued for long, it would keep that
-        // buffer alive. Small bodies get their own copy; large ones stay zero-copy.
-        let body = if content.body.len() < BODY_COPY_BYTES_MAX {
-            bytes::Bytes::copy_from_slice(&content.body)
+        // buffer alive. Small bodies get their own copy (in the envelope's buffer); large ones
+        // stay zero-copy.
+        let message = if content.body.len() < BODY_COPY_BYTES_MAX {
+            Message::with_copied_body(
+                exchange.as_bytes(),
+                routing_key.as_bytes(),
+                properties,
+                &content.body,
+                persistent,
+            )
         } else {
-            content.body
+            Message::new(
+                exchange.as_bytes(),
+                routing_key.as_bytes(),
+                properties,
+                content.body,
+                persistent,
+            )
         };
-        let message = Message::new(
-            exchange.as_bytes(),
-            routing_key.as_bytes(),
-            &content.header.raw_properties,
-            body,
-            content.header.properties.is_persistent(),
-        );
-        if queues.is_empty() {
+        if routed.is_empty() {
+            *self.routed.borrow_mut() = routed;
             if mandatory {
                 let returned = BasicReturn {
                     reply_code: ReplyCode::NoRoute.code(),
@@ -965,34 +996,34 @@ impl Session {
                 });
                 self.confirmed(channel, seq, true);
             }
-            return Vec::new();
+            return;
         }
         // One Publish per owning shard, carrying every target queue it owns.
-        let mut by_owner: Vec<(ShardId, Vec<ShortStr>)> = Vec::new();
-        for routed in queues.drain(..) {
-            match by_owner
-                .iter_mut()
-                .find(|(owner, _)| *owner == routed.owner)
-            {
-                Some((_, list)) => list.push(routed.name),
-                None => by_owner.push((routed.owner, vec![routed.name])),
-            }
+        if routed.len() > 1 {
+            routed.sort_by_key(|queue| queue.owner.index());
         }
         if let Some(seq) = seq {
-            let owners = by_owner.len() as u32;
+            let owner_count = routed
+                .chunk_by(|a, b| a.owner == b.owner)
+                .count()
+                .try_into()
+                .unwrap_or(u32::MAX);
             self.with_channel(channel, |c| {
                 if let Some(confirms) = &mut c.confirm {
-                    confirms.pending.insert(seq, owners);
+                    confirms.pending.insert(seq, owner_count);
                 }
             });
         }
-        let owners: Vec<ShardId> = by_owner.iter().map(|(owner, _)| *owner).collect();
-        for (owner, queues) in by_owner {
+        for group in routed.chunk_by(|a, b| a.owner == b.owner) {
+            let owner = group[0].owner;
+            if let Some(owners) = owners.as_deref_mut().filter(|o| !o.contains(&owner)) {
+                owners.push(owner);
+            }
             self.shard.post(
                 owner,
                 ShardMessage::Publish {
                     vhost: vhost.clone(),
-                    queues,
+                    queues: group.iter().map(|queue| queue.name.clone()).collect(),
                     message: message.clone(),
                     confirm: seq.map(|seq| ConfirmTo {
                         connection: self.connection,
@@ -1002,7 +1033,8 @@ impl Session {
                 },
             );
         }
-        owners
+        routed.clear();
+        *self.routed.borrow_mut() = routed;
     }
 
     fn take_tx(&self, channel: u16) -> Result<Vec<TxOp>, AmqpError> {
@@ -1052,7 +1084,7 @@ impl Session {
             Some(true) => Settlement::Requeue,
             Some(false) => Settlement::Drop,
         };
-        let settled: Vec<Unacked> = self.with_channel(channel, |c| {
+        let settled: SmallVec<[Unacked; 1]> = self.with_channel(channel, |c| {
             if multiple {
                 let upper = if delivery_tag == 0 {
                     u64::MAX
@@ -1066,7 +1098,7 @@ impl Session {
             } else {
                 c.unacked
                     .remove(delivery_tag)
-                    .map(|u| vec![u])
+                    .map(|u| smallvec![u])
                     .ok_or_else(|| unknown_tag(delivery_tag))
             }
         })?;
@@ -1075,11 +1107,17 @@ impl Session {
     }
 
     /// Tells owners what happened to `deliveries` and refills the credit they used.
-    fn release(&self, channel: u16, deliveries: Vec<Unacked>, settlement: Settlement) {
+    fn release(
+        &self,
+        channel: u16,
+        deliveries: impl IntoIterator<Item = Unacked>,
+        settlement: Settlement,
+    ) {
         let requeue = settlement == Settlement::Requeue;
-        let mut by_queue: Vec<(QueueKey, ShardId, Vec<MessageId>)> = Vec::new();
-        // Few consumers per channel: a short list beats a hash map (and its allocation).
-        let mut credit: Vec<(u64, u32)> = Vec::new();
+        // Few queues and consumers per channel: short inline lists beat hash maps (and an ack of
+        // one delivery allocates nothing).
+        let mut by_queue: SmallVec<[(QueueKey, ShardId, SettledIds); 1]> = SmallVec::new();
+        let mut credit: SmallVec<[(u64, u32); 2]> = SmallVec::new();
         for unacked in deliveries {
             if let Some(consumer) = unacked.consumer {
                 match credit.iter_mut().find(|(id, _)| *id == consumer) {
@@ -1089,7 +1127,7 @@ impl Session {
             }
             match by_queue.iter_mut().find(|(q, _, _)| *q == unacked.queue) {
                 Some((_, _, ids)) => ids.push(unacked.id),
-                None => by_queue.push((unacked.queue, unacked.owner, vec![unacked.id])),
+                None => by_queue.push((unacked.queue, unacked.owner, smallvec![unacked.id])),
             }
         }
         for (queue, owner, ids) in by_queue {
@@ -1361,8 +1399,9 @@ fn exchange_binding(
     }
 }
 
-fn short(bytes: &[u8]) -> ShortStr {
-    ShortStr::from_bytes(bytes::Bytes::copy_from_slice(bytes)).unwrap_or_default()
+/// A name the message carries (at most 255 bytes by construction), shared, not copied.
+fn short(bytes: bytes::Bytes) -> ShortStr {
+    ShortStr::from_bytes(bytes).unwrap_or_default()
 }
 
 fn unknown_tag(delivery_tag: u64) -> AmqpError {
@@ -1521,8 +1560,8 @@ impl Session {
             consumer_tag: tag,
             delivery_tag,
             redelivered: delivery.redelivered,
-            exchange: short(message.exchange()),
-            routing_key: short(message.routing_key()),
+            exchange: short(message.exchange_shared()),
+            routing_key: short(message.routing_key_shared()),
         };
         let outbound_full = {
             let mut machine = self.machine.borrow_mut();
@@ -1586,7 +1625,7 @@ impl Session {
                     delivery.owner,
                     ShardMessage::Settle {
                         queue: delivery.queue,
-                        ids: vec![delivery.id],
+                        ids: smallvec![delivery.id],
                         requeue: true,
                     },
                 ),

@@ -52,6 +52,8 @@ pub const COORDINATOR: ShardId = ShardId(0);
 /// A consumed queue keeps this many of its first ready messages in memory (read back ahead of
 /// delivery, never paged out).
 const PAGE_IN_WINDOW: usize = 256;
+/// Capacity of the reused dispatch vector kept between dispatches (deliveries, ~80 B each).
+const DELIVERIES_KEPT_MAX: usize = 4096;
 /// One page-in reads at most this many bytes of records.
 const PAGE_IN_BYTES_MAX: u64 = 1 << 20;
 /// Delivered marks per record at a clean shutdown.
@@ -164,6 +166,8 @@ pub struct ShardBroker {
     flow_limit: Cell<usize>,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
+    /// Reused by `dispatch`, so that handing out messages does not grow a vector each time.
+    deliveries: RefCell<Vec<Delivery>>,
 }
 
 impl ShardBroker {
@@ -214,6 +218,7 @@ impl ShardBroker {
             flow_resumed: Signal::default(),
             flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
             meta_log: RefCell::new(None),
+            deliveries: RefCell::new(Vec::new()),
         });
         if let Some(coordinator) = &broker.coordinator {
             coordinator.start(broker.clone());
@@ -503,35 +508,31 @@ impl ShardBroker {
                         vhost: vhost.clone(),
                         name,
                     };
-                    let next = self
-                        .queues
-                        .borrow()
-                        .get(&key)
-                        .map(|owned| (owned.queue.next_id(), owned.durable));
-                    let Some((id, durable)) = next else {
-                        continue;
-                    };
-                    let mut location = None;
-                    if durable && message.is_persistent() {
-                        let appended = self.log(WalEntry::Enqueue {
-                            queue: logged_queue(&key),
-                            id,
-                            message: message.clone(),
-                        });
-                        if let Some(Appended {
-                            writer,
-                            location: at,
-                        }) = appended
-                        {
-                            location = Some(at);
-                            if !logged.iter().any(|w| Rc::ptr_eq(w, &writer)) {
-                                logged.push(writer);
+                    {
+                        // One lookup: logging the record touches no queue.
+                        let mut queues = self.queues.borrow_mut();
+                        let Some(owned) = queues.get_mut(&key) else {
+                            continue;
+                        };
+                        let mut location = None;
+                        if owned.durable && message.is_persistent() {
+                            let appended = self.log(WalEntry::Enqueue {
+                                queue: logged_queue(&key),
+                                id: owned.queue.next_id(),
+                                message: message.clone(),
+                            });
+                            if let Some(Appended {
+                                writer,
+                                location: at,
+                            }) = appended
+                            {
+                                location = Some(at);
+                                if !logged.iter().any(|w| Rc::ptr_eq(w, &writer)) {
+                                    logged.push(writer);
+                                }
                             }
                         }
-                    }
-                    if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
-                        let published = owned.queue.publish(message.clone(), location);
-                        debug_assert_eq!(published, id);
+                        owned.queue.publish(message.clone(), location);
                     }
                     self.dispatch(&key);
                 }
@@ -805,7 +806,7 @@ impl ShardBroker {
                         owner,
                         ShardMessage::Settle {
                             queue,
-                            ids: vec![id],
+                            ids: smallvec::smallvec![id],
                             requeue: true,
                         },
                     );
@@ -834,7 +835,8 @@ impl ShardBroker {
 
     /// Delivers what the queue's consumers have credit for.
     fn dispatch(self: &Rc<Self>, key: &QueueKey) {
-        let mut deliveries: Vec<Delivery> = Vec::new();
+        // Taken, not borrowed: a nested dispatch (none today) would just allocate its own.
+        let mut deliveries = std::mem::take(&mut *self.deliveries.borrow_mut());
         let mut wants = Vec::new();
         let mut page_in = false;
         let mut durable = false;
@@ -860,7 +862,7 @@ impl ShardBroker {
                 ShardMessage::CreditWanted { consumer, ready },
             );
         }
-        for delivery in deliveries {
+        for delivery in deliveries.drain(..) {
             self.post(
                 delivery.consumer.shard,
                 ShardMessage::Deliver {
@@ -872,6 +874,10 @@ impl ShardBroker {
                     redelivered: delivery.redelivered,
                 },
             );
+        }
+        // A burst's worth of capacity is kept; a huge one (a backlog handed out) is given back.
+        if deliveries.capacity() <= DELIVERIES_KEPT_MAX {
+            *self.deliveries.borrow_mut() = deliveries;
         }
     }
 

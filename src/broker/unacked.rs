@@ -8,6 +8,9 @@
 
 use std::collections::VecDeque;
 
+/// Entries `drain_up_to` scans from the front before it bisects.
+const NEAR_FRONT: usize = 16;
+
 #[derive(Debug)]
 pub struct Unacked<T> {
     entries: VecDeque<(u64, T)>,
@@ -38,8 +41,9 @@ impl<T> Unacked<T> {
     }
 
     fn position(&self, tag: u64) -> Option<usize> {
-        if self.entries.front().is_some_and(|(t, _)| *t == tag) {
-            return Some(0);
+        let near = self.entries.len().min(NEAR_FRONT);
+        if let Some(at) = (0..near).find(|&i| self.entries[i].0 >= tag) {
+            return (self.entries[at].0 == tag).then_some(at);
         }
         self.entries.binary_search_by_key(&tag, |(t, _)| *t).ok()
     }
@@ -55,7 +59,13 @@ impl<T> Unacked<T> {
 
     /// Removes every entry with a tag up to and including `upper`, in tag order.
     pub fn drain_up_to(&mut self, upper: u64) -> impl Iterator<Item = T> + '_ {
-        let end = self.entries.partition_point(|(t, _)| *t <= upper);
+        // Acks usually settle a few entries at the front: look there before bisecting the whole
+        // deque (a binary search over thousands of entries misses the cache at every step).
+        let near = self.entries.len().min(NEAR_FRONT);
+        let end = match (0..near).find(|&i| self.entries[i].0 > upper) {
+            Some(end) => end,
+            None => self.entries.partition_point(|(t, _)| *t <= upper),
+        };
         self.entries.drain(..end).map(|(_, value)| value)
     }
 
