@@ -39,7 +39,7 @@ use crate::codec::{
     BasicNack, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, ExchangeBindOk,
     ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk,
     QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk,
-    TxSelectOk,
+    TxSelectOk, HEADERS_FLAG, USER_ID_FLAG,
 };
 use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
@@ -902,7 +902,12 @@ impl Session {
                 Some(_) => {}
             }
         }
-        if let Some(user_id) = &content.header.properties.user_id {
+        let user_id = content
+            .header
+            .has_any_property(USER_ID_FLAG)
+            .then(|| content.header.properties().user_id)
+            .flatten();
+        if let Some(user_id) = &user_id {
             let machine = self.machine.borrow();
             let user = machine.user().unwrap_or("");
             if user_id.as_bytes() != user.as_bytes() {
@@ -917,7 +922,6 @@ impl Session {
         Ok(())
     }
 
-    /// Routes and enqueues one message; confirms and returns as the channel's mode asks.
     /// Routes and posts one message; the owning shards it went to are added to `owners` (a
     /// transaction's commit waits for them).
     #[allow(clippy::too_many_arguments)]
@@ -935,13 +939,13 @@ impl Session {
         // Taken out (not borrowed) for the duration: posting below never re-enters, but a
         // nested publish would find an empty vector and simply allocate its own.
         let mut routed = std::mem::take(&mut *self.routed.borrow_mut());
+        let headers = content
+            .header
+            .has_any_property(HEADERS_FLAG)
+            .then(|| content.header.properties().headers)
+            .flatten();
         self.shard.with_routing(vhost, |r| {
-            r.route(
-                exchange,
-                routing_key,
-                content.header.properties.headers.as_ref(),
-                &mut routed,
-            )
+            r.route(exchange, routing_key, headers.as_ref(), &mut routed)
         });
         let seq = self.with_channel(channel, |c| {
             c.confirm.as_mut().map(|confirms| {
@@ -949,7 +953,7 @@ impl Session {
                 confirms.next_seq
             })
         });
-        let persistent = content.header.properties.is_persistent();
+        let persistent = content.header.persistent;
         let properties = &content.header.raw_properties;
         // A small body is a slice of a whole read buffer: queued for long, it would keep that
         // buffer alive. Small bodies get their own copy (in the envelope's buffer); large ones

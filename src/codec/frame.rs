@@ -60,24 +60,45 @@ impl Frame {
 }
 
 /// A content header frame's payload.
+///
+/// The properties stay encoded (they were validated when the frame was decoded): the broker
+/// passes them on to consumers as they are and needs only a few of them, so a publish does not
+/// carry the decoded struct (368 bytes) through every move of the frame and the command.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ContentHeader {
     pub class_id: u16,
     pub body_size: u64,
-    pub properties: BasicProperties,
-    /// The encoded property flags and list exactly as received, so the broker can pass them on
-    /// to consumers without encoding them again.
+    /// The encoded property flags and list exactly as received.
     pub raw_properties: Bytes,
+    /// delivery-mode is 2.
+    pub persistent: bool,
 }
 
 impl ContentHeader {
     pub fn new(body_size: u64, properties: BasicProperties) -> ContentHeader {
-        let raw_properties = properties.to_bytes();
         ContentHeader {
             class_id: BASIC_CLASS_ID,
             body_size,
-            properties,
-            raw_properties,
+            raw_properties: properties.to_bytes(),
+            persistent: properties.is_persistent(),
+        }
+    }
+
+    /// The decoded properties (none for a class other than basic).
+    pub fn properties(&self) -> BasicProperties {
+        if self.class_id != BASIC_CLASS_ID {
+            return BasicProperties::default();
+        }
+        BasicProperties::decode(&self.raw_properties).unwrap_or_default()
+    }
+
+    /// Whether any property of `flags` (see `HEADERS_FLAG`, say) is present, without decoding.
+    pub fn has_any_property(&self, flags: u16) -> bool {
+        match self.raw_properties.get(..2) {
+            Some(&[high, low]) if self.class_id == BASIC_CLASS_ID => {
+                u16::from_be_bytes([high, low]) & flags != 0
+            }
+            _ => false,
         }
     }
 }
@@ -206,18 +227,18 @@ fn decode_header_payload(channel: u16, payload: &Bytes) -> Result<Frame, FrameEr
     let raw_properties = reader.rest();
     // Only basic has content. Another class is handed on with no properties: the connection
     // refuses it against the publish it should belong to (505, as RabbitMQ answers).
-    let properties = if class_id == BASIC_CLASS_ID {
-        BasicProperties::decode(&raw_properties)?
+    let persistent = if class_id == BASIC_CLASS_ID {
+        BasicProperties::decode(&raw_properties)?.is_persistent()
     } else {
-        BasicProperties::default()
+        false
     };
     Ok(Frame::Header {
         channel,
         header: ContentHeader {
             class_id,
             body_size,
-            properties,
             raw_properties,
+            persistent,
         },
     })
 }
@@ -456,7 +477,7 @@ mod tests {
             Frame::Header { channel, header } => {
                 assert_eq!(*channel, 7);
                 assert_eq!(header.body_size, 10_000);
-                assert_eq!(header.properties, properties);
+                assert_eq!(header.properties(), properties);
                 assert_eq!(header.raw_properties, raw);
             }
             other => panic!("expected a header, got {other:?}"),

@@ -80,7 +80,9 @@ pub use frame::{
     FRAME_HEADER_BYTES, FRAME_MIN_SIZE, FRAME_OVERHEAD_BYTES, PROTOCOL_HEADER,
 };
 pub use methods::*;
-pub use properties::{BasicProperties, BASIC_CLASS_ID, BASIC_PROPERTY_TABLE};
+pub use properties::{
+    BasicProperties, BASIC_CLASS_ID, BASIC_PROPERTY_TABLE, HEADERS_FLAG, USER_ID_FLAG,
+};
 pub use types::{
     read_table_entries, write_table, write_table_entries, Decimal, FieldTable, FieldValue, LongStr,
     Reader, ShortStr, ShortStrTooLong, Writer, FIELD_TABLE_DEPTH_MAX,

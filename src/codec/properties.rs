@@ -75,6 +75,10 @@ macro_rules! basic_properties {
 
 /// Flag bits 15..=2 name the 14 properties; bit 1 is unused and bit 0 is the continuation.
 const ALLOWED_FLAGS_COMPLEMENT: u16 = 0b10;
+/// The flag of the headers property (the third).
+pub const HEADERS_FLAG: u16 = 1 << 13;
+/// The flag of the user-id property (the twelfth).
+pub const USER_ID_FLAG: u16 = 1 << 4;
 
 basic_properties! {
     content_type: shortstr = "content-type",
@@ -112,6 +116,24 @@ impl BasicProperties {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn named_flags_match_the_table() {
+        let flags = |properties: BasicProperties| {
+            let bytes = properties.to_bytes();
+            u16::from_be_bytes([bytes[0], bytes[1]])
+        };
+        let headers = BasicProperties {
+            headers: Some(FieldTable::default()),
+            ..Default::default()
+        };
+        assert_eq!(flags(headers), HEADERS_FLAG);
+        let user_id = BasicProperties {
+            user_id: Some(ShortStr::from_static("guest")),
+            ..Default::default()
+        };
+        assert_eq!(flags(user_id), USER_ID_FLAG);
+    }
     use crate::codec::types::FieldValue;
 
     fn all_properties() -> BasicProperties {
