@@ -63,19 +63,16 @@ impl<V> IdMap<V> {
         let Some(offset) = id.checked_sub(self.base) else {
             return self.sparse.insert(id, value);
         };
-        let offset = usize::try_from(offset).unwrap_or(usize::MAX);
-        if offset >= self.dense.len() {
-            let gap = offset - self.dense.len();
-            if gap > 2 * (self.live + 1) + SLACK {
+        let mut index = usize::try_from(offset).unwrap_or(usize::MAX);
+        if index >= self.dense.len() {
+            if index - self.dense.len() > 2 * (self.live + 1) + SLACK {
                 // A long jump: start the window afresh here rather than fill the gap.
                 self.spill_all();
                 self.base = id;
+                index = 0;
             }
-            let end = usize::try_from(id - self.base).unwrap_or(usize::MAX);
-            self.dense.resize_with(end, || None);
-            self.dense.push_back(None);
+            self.dense.resize_with(index + 1, || None);
         }
-        let index = usize::try_from(id - self.base).unwrap_or(usize::MAX);
         let replaced = match self.dense[index].replace(value) {
             Some(old) => Some(old),
             None => {

@@ -116,30 +116,36 @@ impl Message {
         self.envelope[1] as usize
     }
 
+    fn exchange_range(&self) -> std::ops::Range<usize> {
+        PREFIX_BYTES..PREFIX_BYTES + self.exchange_len()
+    }
+
+    fn routing_key_range(&self) -> std::ops::Range<usize> {
+        let start = PREFIX_BYTES + self.exchange_len();
+        start..start + self.routing_key_len()
+    }
+
     pub fn exchange(&self) -> &[u8] {
-        &self.envelope[PREFIX_BYTES..PREFIX_BYTES + self.exchange_len()]
+        &self.envelope[self.exchange_range()]
     }
 
     pub fn routing_key(&self) -> &[u8] {
-        let start = PREFIX_BYTES + self.exchange_len();
-        &self.envelope[start..start + self.routing_key_len()]
+        &self.envelope[self.routing_key_range()]
     }
 
     /// The exchange name as a handle on the envelope (no copy).
     pub fn exchange_shared(&self) -> Bytes {
-        self.envelope
-            .slice(PREFIX_BYTES..PREFIX_BYTES + self.exchange_len())
+        self.envelope.slice(self.exchange_range())
     }
 
     /// The routing key as a handle on the envelope (no copy).
     pub fn routing_key_shared(&self) -> Bytes {
-        let start = PREFIX_BYTES + self.exchange_len();
-        self.envelope.slice(start..start + self.routing_key_len())
+        self.envelope.slice(self.routing_key_range())
     }
 
     /// The encoded content properties, ready to go into a content header frame.
     pub fn properties(&self) -> &[u8] {
-        &self.envelope[PREFIX_BYTES + self.exchange_len() + self.routing_key_len()..]
+        &self.envelope[self.routing_key_range().end..]
     }
 
     pub fn body(&self) -> &Bytes {

@@ -904,9 +904,8 @@ impl Session {
         }
         let user_id = content
             .header
-            .has_any_property(USER_ID_FLAG)
-            .then(|| content.header.properties().user_id)
-            .flatten();
+            .properties_if_any(USER_ID_FLAG)
+            .and_then(|p| p.user_id);
         if let Some(user_id) = &user_id {
             let machine = self.machine.borrow();
             let user = machine.user().unwrap_or("");
@@ -941,9 +940,8 @@ impl Session {
         let mut routed = std::mem::take(&mut *self.routed.borrow_mut());
         let headers = content
             .header
-            .has_any_property(HEADERS_FLAG)
-            .then(|| content.header.properties().headers)
-            .flatten();
+            .properties_if_any(HEADERS_FLAG)
+            .and_then(|p| p.headers);
         self.shard.with_routing(vhost, |r| {
             r.route(exchange, routing_key, headers.as_ref(), &mut routed)
         });

@@ -92,13 +92,17 @@ impl ContentHeader {
         BasicProperties::decode(&self.raw_properties).unwrap_or_default()
     }
 
-    /// Whether any property of `flags` (see `HEADERS_FLAG`, say) is present, without decoding.
-    pub fn has_any_property(&self, flags: u16) -> bool {
+    /// The decoded properties, only if any property of `flags` (see `HEADERS_FLAG`, say) is
+    /// present: the flags word is read without decoding the rest.
+    pub fn properties_if_any(&self, flags: u16) -> Option<BasicProperties> {
         match self.raw_properties.get(..2) {
-            Some(&[high, low]) if self.class_id == BASIC_CLASS_ID => {
-                u16::from_be_bytes([high, low]) & flags != 0
+            Some(&[high, low])
+                if self.class_id == BASIC_CLASS_ID
+                    && u16::from_be_bytes([high, low]) & flags != 0 =>
+            {
+                Some(self.properties())
             }
-            _ => false,
+            _ => None,
         }
     }
 }
