@@ -16,6 +16,9 @@ use crate::codec::FRAME_MIN_SIZE;
 /// The root `config.toml`, compiled in.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
 
+/// io_uring refuses rings with more submission entries than this (IORING_MAX_ENTRIES).
+const RING_DEPTH_MAX: usize = 32768;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -68,6 +71,7 @@ pub struct UserConfig {
 #[serde(deny_unknown_fields)]
 pub struct RuntimeConfig {
     pub io_memory_bytes: usize,
+    pub ring_depth: usize,
     pub mesh_channel_capacity: usize,
     pub shutdown_grace_ms: u64,
 }
@@ -194,6 +198,12 @@ impl Config {
         if self.queues.consumer_window_messages == 0 {
             return fail("queues.consumer_window_messages must be at least 1".into());
         }
+        if !(1..=RING_DEPTH_MAX).contains(&self.runtime.ring_depth) {
+            return fail(format!(
+                "runtime.ring_depth = {} must be between 1 and {RING_DEPTH_MAX}",
+                self.runtime.ring_depth
+            ));
+        }
         if self.runtime.mesh_channel_capacity == 0 {
             return fail("runtime.mesh_channel_capacity must be at least 1".into());
         }
@@ -278,5 +288,13 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.0.contains("nope"), "{err}");
+        for depth in ["0", "65536"] {
+            let err = Config::from_toml_layers(
+                Some(&format!("[runtime]\nring_depth = {depth}\n")),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.0.contains("ring_depth"), "{err}");
+        }
     }
 }

@@ -172,6 +172,7 @@ impl Broker {
             let spawned = LocalExecutorBuilder::new(Placement::Fixed(cpu))
                 .name(&format!("shard-{index}"))
                 .io_memory(config.runtime.io_memory_bytes)
+                .ring_depth(config.runtime.ring_depth)
                 .spawn(move || run_shard(start));
             match spawned {
                 Ok(handle) => broker.shards.push(handle),
