@@ -23,16 +23,29 @@ pub const RECORD_PAYLOAD_BYTES_MAX: usize = 512 << 20;
 
 /// Appends one framed record to `out`.
 pub fn encode_record(out: &mut BytesMut, kind: u8, payload: &[u8]) {
-    assert!(!payload.is_empty() || kind != 0, "a record needs a kind");
-    assert!(payload.len() <= RECORD_PAYLOAD_BYTES_MAX);
-    let mut hasher = crc32fast::Hasher::new();
-    hasher.update(&[kind]);
-    hasher.update(payload);
-    // length counts kind + payload, so it is never 0 for a real record.
-    out.put_u32_le(payload.len() as u32 + 1);
-    out.put_u32_le(hasher.finalize());
-    out.put_u8(kind);
-    out.put_slice(payload);
+    encode_record_with(out, |out| {
+        out.put_slice(payload);
+        kind
+    });
+}
+
+/// Appends one framed record whose payload `encode` writes straight into `out` (returning the
+/// record's kind), so the payload is not built elsewhere and copied; returns the record's length,
+/// header included.
+pub fn encode_record_with(out: &mut BytesMut, encode: impl FnOnce(&mut BytesMut) -> u8) -> usize {
+    let start = out.len();
+    out.put_bytes(0, RECORD_HEADER_BYTES);
+    let kind = encode(out);
+    let payload_len = out.len() - start - RECORD_HEADER_BYTES;
+    assert!(payload_len > 0 || kind != 0, "a record needs a kind");
+    assert!(payload_len <= RECORD_PAYLOAD_BYTES_MAX);
+    let record = &mut out[start..];
+    record[8] = kind;
+    // crc covers kind + payload; length counts them too, so it is never 0 for a real record.
+    let crc = crc32fast::hash(&record[8..]);
+    record[..4].copy_from_slice(&(payload_len as u32 + 1).to_le_bytes());
+    record[4..8].copy_from_slice(&crc.to_le_bytes());
+    out.len() - start
 }
 
 /// One record read back.
@@ -199,6 +212,21 @@ mod tests {
     }
 
     const RECORDS: &[(u8, &[u8])] = &[(1, b"first"), (2, b""), (3, b"the third record")];
+
+    #[test]
+    fn the_record_layout_is_length_crc_kind_payload() {
+        let mut out = BytesMut::from(&b"before"[..]);
+        let len = encode_record_with(&mut out, |out| {
+            out.put_slice(b"first");
+            1
+        });
+        assert_eq!(len, RECORD_HEADER_BYTES + 5);
+        // length 6 (kind + payload), crc32 (IEEE, as zlib computes it) of [1, "first"], kind,
+        // payload.
+        let expected = b"before\x06\0\0\0\x4c\x6b\xcd\x2e\x01first";
+        assert_eq!(&out[..], &expected[..]);
+        assert_eq!(&log_of(&[(1, b"first")])[..], &expected[6..]);
+    }
 
     #[test]
     fn records_round_trip_and_zero_padding_ends_the_log() {

@@ -27,11 +27,11 @@ use std::path::{Path, PathBuf};
 use std::rc::Rc;
 
 use ahash::HashMap;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use glommio::io::DmaFile;
 use log::{debug, warn};
 use roaring::RoaringTreemap;
-use shards::record::{self, RECORD_HEADER_BYTES};
+use shards::record;
 use shards::wal::{LoggedQueue, WalEntry};
 use shards::{Location, Message, MessageId};
 
@@ -123,9 +123,13 @@ pub struct SegmentedWal {
 
 /// Runs `callback(ok)` once everything appended so far to each of `writers` is durable (`ok`:
 /// all of them succeeded).
-pub fn after_synced(writers: Vec<Rc<LogWriter>>, callback: impl FnOnce(bool) + 'static) {
-    if writers.is_empty() {
-        callback(true);
+pub fn after_synced(mut writers: Vec<Rc<LogWriter>>, callback: impl FnOnce(bool) + 'static) {
+    if writers.len() <= 1 {
+        // The common case (one active segment) needs no shared countdown.
+        match writers.pop() {
+            Some(writer) => writer.after_sync(callback),
+            None => callback(true),
+        }
         return;
     }
     let remaining = Rc::new(Cell::new(writers.len()));
@@ -201,8 +205,6 @@ impl SegmentedWal {
     /// Appends one entry; returns the log that holds it (wait on that one for durability) and
     /// where the record lies.
     pub fn append(self: &Rc<Self>, entry: &WalEntry) -> Appended {
-        let mut payload = BytesMut::new();
-        let kind = entry.encode(&mut payload);
         let appended = {
             let mut segments = self.segments.borrow_mut();
             let Some(active) = segments.back_mut() else {
@@ -211,8 +213,7 @@ impl SegmentedWal {
             let Some(writer) = active.writer.clone() else {
                 unreachable!("the newest segment always has a writer");
             };
-            writer.append(kind, &payload);
-            let len = payload.len() + RECORD_HEADER_BYTES;
+            let len = writer.append_with(|out| entry.encode(out));
             let location = Location {
                 segment: generation_tag(active.generation),
                 len: u32::try_from(len).unwrap_or(u32::MAX),
