@@ -131,13 +131,15 @@ impl LogWriter {
                 self.wake.wait().await;
                 continue;
             }
-            let batch = {
+            // `whole_blocks`: the batch's bytes that will not be written again (its last, partial
+            // block is carried into the next batch).
+            let (batch, whole_blocks) = {
                 let mut pending = self.pending.borrow_mut();
                 let batch = std::mem::replace(&mut *pending, std::mem::take(&mut spare));
                 let whole_blocks = batch.len() / alignment * alignment;
                 pending.extend_from_slice(&batch[whole_blocks..]);
                 carried = pending.len();
-                batch
+                (batch, whole_blocks)
             };
             let callbacks = std::mem::take(&mut *self.callbacks.borrow_mut());
             let result = async {
@@ -162,7 +164,7 @@ impl LogWriter {
             match result {
                 Ok(()) => {
                     self.synced_bytes.set(offset + batch.len() as u64);
-                    offset += (batch.len() - carried) as u64;
+                    offset += whole_blocks as u64;
                     // A burst (a slow sync under heavy appends) must not pin its buffer for good.
                     if batch.capacity() <= BUFFER_KEEP_BYTES {
                         spare = batch;
