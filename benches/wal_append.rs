@@ -25,7 +25,10 @@ fn main() {
             let confirmed = Rc::new(Cell::new(0u64));
             let started = Instant::now();
             for appended in 0..records {
-                log.append(1, &payload);
+                log.append_with(|out| {
+                    out.extend_from_slice(&payload);
+                    1
+                });
                 let counter = confirmed.clone();
                 log.after_sync(move |ok| {
                     assert!(ok, "the log failed");

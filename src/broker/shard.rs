@@ -25,7 +25,6 @@ use shards::{Location, MemoryMeter, MessageId, Queue, ShardId};
 
 use std::path::Path;
 
-use bytes::BytesMut;
 use log::{error, info};
 use roaring::RoaringTreemap;
 use shards::record::{self, RECORD_HEADER_BYTES};
@@ -1254,9 +1253,7 @@ impl ShardBroker {
         if !logged {
             return true;
         }
-        let mut payload = BytesMut::new();
-        let kind = meta_log::encode(vhost, op, &mut payload);
-        log.append(kind, &payload);
+        log.append_with(|out| meta_log::encode(vhost, op, out));
         let (sender, receiver) = oneshot::channel();
         log.after_sync(move |ok| sender.send(ok));
         receiver.await.unwrap_or(false)
@@ -1412,13 +1409,9 @@ impl ShardBroker {
             let log = LogWriter::create(&path)
                 .await
                 .map_err(|e| format!("cannot create {}: {e}", path.display()))?;
-            let mut payload = BytesMut::new();
-            let kind = meta_log::encode_header(self.shard_count, &mut payload);
-            log.append(kind, &payload);
+            log.append_with(|out| meta_log::encode_header(self.shard_count, out));
             for (vhost, op) in &metadata.ops {
-                let mut payload = BytesMut::new();
-                let kind = meta_log::encode(vhost, op, &mut payload);
-                log.append(kind, &payload);
+                log.append_with(|out| meta_log::encode(vhost, op, out));
             }
             sync_log(&log).await?;
             for old in &metadata.files {

@@ -61,14 +61,6 @@ impl LogWriter {
         Ok(log)
     }
 
-    /// Appends one framed record.
-    pub fn append(&self, kind: u8, payload: &[u8]) {
-        self.append_with(|out| {
-            out.extend_from_slice(payload);
-            kind
-        });
-    }
-
     /// Appends one framed record whose payload `encode` writes in place (returning its kind);
     /// returns the record's length. A failed log encodes and drops it.
     pub fn append_with(&self, encode: impl FnOnce(&mut BytesMut) -> u8) -> usize {
