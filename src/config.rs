@@ -12,9 +12,14 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 use crate::codec::FRAME_MIN_SIZE;
+use shards::record::RECORD_PAYLOAD_BYTES_MAX;
 
 /// The root `config.toml`, compiled in.
 pub const DEFAULT_CONFIG_TOML: &str = include_str!("../config.toml");
+
+/// Room in a log record for what a message carries besides its body and content header: queue,
+/// exchange and routing key names (255 bytes each at most), ids and lengths.
+const RECORD_NAMES_SLACK: u64 = 4096;
 
 /// io_uring refuses rings with more submission entries than this (IORING_MAX_ENTRIES).
 const RING_DEPTH_MAX: usize = 32768;
@@ -189,6 +194,21 @@ impl Config {
                 "connection.outbound_buffer_bytes_max must hold at least one frame".into(),
             );
         }
+        // A message written to the log (persistent, or paged out) is one record: its body, its
+        // content header (one frame) and its names must fit a record, or appending it would fail.
+        let record_bytes_needed = connection
+            .message_bytes_max
+            .saturating_add(u64::from(connection.frame_max_bytes))
+            .saturating_add(RECORD_NAMES_SLACK);
+        if record_bytes_needed > RECORD_PAYLOAD_BYTES_MAX as u64 {
+            return fail(format!(
+                "connection.message_bytes_max ({}) plus connection.frame_max_bytes ({}) must stay \
+                 below {} bytes, the largest record of the write-ahead log",
+                connection.message_bytes_max,
+                connection.frame_max_bytes,
+                RECORD_PAYLOAD_BYTES_MAX as u64 - RECORD_NAMES_SLACK
+            ));
+        }
         if self.storage.segment_bytes_max < 65536 {
             return fail("storage.segment_bytes_max must be at least 65536".into());
         }
@@ -288,6 +308,23 @@ mod tests {
         )
         .unwrap_err();
         assert!(err.0.contains("nope"), "{err}");
+        for limits in [
+            "message_bytes_max = 1073741824",
+            "message_bytes_max = 536870912",
+            "frame_max_bytes = 536870912\noutbound_buffer_bytes_max = 536870912",
+        ] {
+            let err = Config::from_toml_layers(
+                Some(&format!("[connection]\n{limits}\n")),
+                &Overrides::default(),
+            )
+            .unwrap_err();
+            assert!(err.0.contains("largest record"), "{err}");
+        }
+        Config::from_toml_layers(
+            Some("[connection]\nmessage_bytes_max = 536000000\n"),
+            &Overrides::default(),
+        )
+        .expect("a message just under the record limit is allowed");
         for depth in ["0", "65536"] {
             let err = Config::from_toml_layers(
                 Some(&format!("[runtime]\nring_depth = {depth}\n")),
