@@ -91,6 +91,7 @@ pub struct ConnectionConfig {
     pub close_timeout_ms: u64,
     pub outbound_buffer_bytes_max: usize,
     pub read_chunk_bytes: usize,
+    pub read_coalesce_us: u64,
     pub message_bytes_max: u64,
     pub max_connections: usize,
 }
@@ -188,6 +189,9 @@ impl Config {
         }
         if connection.read_chunk_bytes < 4096 {
             return fail("connection.read_chunk_bytes must be at least 4096".into());
+        }
+        if connection.read_coalesce_us > 100_000 {
+            return fail("connection.read_coalesce_us must be at most 100000 (100 ms)".into());
         }
         if connection.outbound_buffer_bytes_max < connection.frame_max_bytes as usize {
             return fail(
@@ -333,5 +337,11 @@ mod tests {
             .unwrap_err();
             assert!(err.0.contains("ring_depth"), "{err}");
         }
+        let err = Config::from_toml_layers(
+            Some("[connection]\nread_coalesce_us = 100001\n"),
+            &Overrides::default(),
+        )
+        .unwrap_err();
+        assert!(err.0.contains("read_coalesce_us"), "{err}");
     }
 }

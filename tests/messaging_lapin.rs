@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{Broker, BALANCED};
+use common::{lapin_channel, Broker, BALANCED};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
@@ -13,24 +13,9 @@ use lapin::options::{
     QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable};
-use lapin::{
-    BasicProperties, Channel, Confirmation, Connection, ConnectionProperties, ExchangeKind,
-};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
 
 const WAIT: Duration = Duration::from_secs(10);
-
-async fn connect(broker: &Broker) -> (Connection, Channel) {
-    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port());
-    let connection = tokio::time::timeout(
-        WAIT,
-        Connection::connect(&uri, ConnectionProperties::default()),
-    )
-    .await
-    .expect("connect in time")
-    .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
-    (connection, channel)
-}
 
 async fn declare(channel: &Channel, name: &str) {
     channel
@@ -66,8 +51,8 @@ async fn publish(
 #[tokio::test]
 async fn consume_with_prefetch_and_confirmed_publishes() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_pc, publisher) = connect(&broker).await;
-    let (_cc, consumer_channel) = connect(&broker).await;
+    let (_pc, publisher) = lapin_channel(&broker).await;
+    let (_cc, consumer_channel) = lapin_channel(&broker).await;
     publisher
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -105,7 +90,7 @@ async fn consume_with_prefetch_and_confirmed_publishes() {
 #[tokio::test]
 async fn topic_routing_get_and_nack_requeue() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel) = connect(&broker).await;
+    let (_c, channel) = lapin_channel(&broker).await;
     channel
         .exchange_declare(
             "logs".into(),
@@ -160,7 +145,7 @@ async fn topic_routing_get_and_nack_requeue() {
 #[tokio::test]
 async fn mandatory_publish_without_a_route_is_returned() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel) = connect(&broker).await;
+    let (_c, channel) = lapin_channel(&broker).await;
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
@@ -188,7 +173,7 @@ async fn mandatory_publish_without_a_route_is_returned() {
 #[tokio::test]
 async fn transactions_commit_through_lapin() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel) = connect(&broker).await;
+    let (_c, channel) = lapin_channel(&broker).await;
     declare(&channel, "txq").await;
     channel.tx_select().await.unwrap();
     publish(&channel, "", "txq", b"a").await;
@@ -211,7 +196,7 @@ async fn transactions_commit_through_lapin() {
 #[tokio::test]
 async fn headers_arguments_and_errors_through_lapin() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel) = connect(&broker).await;
+    let (_c, channel) = lapin_channel(&broker).await;
     let mut arguments = FieldTable::default();
     arguments.insert("x-custom".into(), AMQPValue::LongString("v".into()));
     channel

@@ -158,6 +158,9 @@ pub struct Session {
     connection: u64,
     machine: Rc<RefCell<ConnectionMachine>>,
     write_wanted: Rc<Notify>,
+    /// Notified with the writer when output the client may be waiting for is queued (see
+    /// `answer_queued`): it ends a coalesced read's wait.
+    pub answered: Notify,
     state: RefCell<State>,
     /// Owners sent a settlement since the last barrier (see `execute`).
     settled_owners: RefCell<Vec<ShardId>>,
@@ -195,6 +198,7 @@ impl Session {
             connection,
             machine,
             write_wanted,
+            answered: Notify::default(),
             state: RefCell::new(State::default()),
             settled_owners: RefCell::new(Vec::new()),
             next_consumer: Cell::new(1),
@@ -231,7 +235,16 @@ impl Session {
         self.machine
             .borrow_mut()
             .send_method(channel, &method.into());
+        self.answer_queued();
+    }
+
+    /// Wakes the writer for output the client may be waiting for (a method, a confirm, a
+    /// delivery it needs before it can ack and get more): a client that streams publishes or
+    /// acks may stop to wait for it, so the connection's coalesced read must not make it wait
+    /// longer (see `connection::driver`).
+    fn answer_queued(&self) {
         self.write_wanted.notify();
+        self.answered.notify();
     }
 
     /// Sends `reply` unless the client asked for no-wait.
@@ -249,7 +262,7 @@ impl Session {
         }
         let closes_channel = error.scope == crate::connection::error::Scope::Channel;
         self.machine.borrow_mut().raise(channel, error);
-        self.write_wanted.notify();
+        self.answer_queued();
         if closes_channel {
             self.channel_closed(channel);
         }
@@ -267,8 +280,10 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// Carries out one method. Errors become channel or connection closes.
-    pub async fn execute(self: &Rc<Self>, command: Command) {
+    /// Carries out one method; errors become channel or connection closes. Returns whether it is
+    /// one a client streams without waiting for an answer, a publish or a settlement (see
+    /// `connection::driver`'s read coalescing).
+    pub async fn execute(self: &Rc<Self>, command: Command) -> bool {
         let channel = command.channel;
         // The ids, not a clone of the method: this runs for every publish.
         let cause = (command.method.class_id(), command.method.method_id());
@@ -287,6 +302,7 @@ impl Session {
         if let Err(error) = self.run(command).await {
             self.raise(channel, error, cause);
         }
+        asynchronous
     }
 
     /// Waits until every owner that was sent a settlement (ack or drop) since the last barrier
@@ -727,7 +743,7 @@ impl Session {
                     message.properties(),
                     message.body(),
                 );
-                self.write_wanted.notify();
+                self.answer_queued();
             }
             Method::BasicAck(m) => {
                 self.settle_or_defer(channel, m.delivery_tag, m.multiple, None)?;
@@ -988,7 +1004,7 @@ impl Session {
                     message.properties(),
                     message.body(),
                 );
-                self.write_wanted.notify();
+                self.answer_queued();
             }
             if let Some(seq) = seq {
                 self.with_channel(channel, |c| {
@@ -1575,10 +1591,12 @@ impl Session {
             );
             machine.outbound().len() > self.outbound_bytes_max
         };
-        self.write_wanted.notify();
         if mode != CreditMode::Window {
+            // Its credit comes back with its acks: the client may stop acking until it has this.
+            self.answer_queued();
             return;
         }
+        self.write_wanted.notify();
         // Window credit: earned now, granted in batches, held back while the socket lags.
         let grant = {
             let mut state = self.state.borrow_mut();

@@ -321,6 +321,8 @@ pub struct ConnectionMachine {
     /// Closed because the input could not be read (a wrong protocol header, a bad frame): the
     /// client may still be sending what followed.
     input_refused: bool,
+    /// See `take_answered_itself`.
+    answered_itself: bool,
 }
 
 impl ConnectionMachine {
@@ -341,6 +343,7 @@ impl ConnectionMachine {
             client: ClientInfo::default(),
             outbound: BytesMut::with_capacity(4096),
             input_refused: false,
+            answered_itself: false,
             slot: None,
         }
     }
@@ -482,7 +485,7 @@ impl ConnectionMachine {
                     ReplyCode::ConnectionForced,
                     "broker forced connection closure with reason 'shutdown'",
                 );
-                self.send_method(0, &error.connection_close());
+                self.answer(0, &error.connection_close());
                 self.phase = Phase::Closing;
             }
         }
@@ -500,6 +503,19 @@ impl ConnectionMachine {
 
     pub fn send_method(&mut self, channel: u16, method: &Method) {
         encode_method(&mut self.outbound, channel, method);
+    }
+
+    /// Sends a method the machine itself answers with (handshake, channel open and close,
+    /// flow, errors), noting it for `take_answered_itself`.
+    fn answer(&mut self, channel: u16, method: &Method) {
+        self.answered_itself = true;
+        self.send_method(channel, method);
+    }
+
+    /// Whether the machine answered a frame itself since the last call: the client may be
+    /// waiting for that answer (the driver then does not coalesce its next read).
+    pub fn take_answered_itself(&mut self) -> bool {
+        std::mem::take(&mut self.answered_itself)
     }
 
     /// A content-carrying method (deliver, get-ok, return) with its header and body frames.
@@ -533,7 +549,7 @@ impl ConnectionMachine {
             mechanisms: LongStr::from_static(MECHANISMS),
             locales: LongStr::from_static("en_US"),
         };
-        self.send_method(0, &start.into());
+        self.answer(0, &start.into());
         self.phase = Phase::AwaitingStartOk;
     }
 
@@ -544,7 +560,7 @@ impl ConnectionMachine {
             self.peer,
             self.user.as_deref().unwrap_or("-")
         );
-        self.send_method(0, &error.connection_close());
+        self.answer(0, &error.connection_close());
         self.phase = Phase::Closing;
     }
 
@@ -556,7 +572,7 @@ impl ConnectionMachine {
                     return;
                 }
                 info!("{}: closing channel {channel}: {error}", self.peer);
-                self.send_method(channel, &error.channel_close());
+                self.answer(channel, &error.channel_close());
                 self.channels.insert(channel, ChannelState::Closing);
             }
         }
@@ -574,7 +590,7 @@ impl ConnectionMachine {
                 "{}: client closed the connection: {} {}",
                 self.peer, close.reply_code, close.reply_text
             );
-            self.send_method(0, &ConnectionCloseOk {}.into());
+            self.answer(0, &ConnectionCloseOk {}.into());
             self.phase = Phase::Closed;
             return None;
         }
@@ -643,7 +659,7 @@ impl ConnectionMachine {
                     frame_max: limits.frame_max_bytes,
                     heartbeat: limits.heartbeat_secs,
                 };
-                self.send_method(0, &tune.into());
+                self.answer(0, &tune.into());
                 self.phase = Phase::AwaitingTuneOk;
                 Ok(())
             }
@@ -730,7 +746,7 @@ impl ConnectionMachine {
             .caused_by(&cause));
         };
         self.slot = Some(slot);
-        self.send_method(0, &ConnectionOpenOk::default().into());
+        self.answer(0, &ConnectionOpenOk::default().into());
         self.phase = Phase::Open;
         info!(
             "{}: connection opened (user '{user}', vhost '{vhost}', client {:?}{}, \
@@ -899,7 +915,7 @@ impl ConnectionMachine {
                 );
                 match checked {
                     Ok(()) => {
-                        self.send_method(0, &ConnectionUpdateSecretOk {}.into());
+                        self.answer(0, &ConnectionUpdateSecretOk {}.into());
                         Ok(())
                     }
                     Err(reason) => {
@@ -961,7 +977,7 @@ impl ConnectionMachine {
                             content: None,
                         },
                     );
-                    self.send_method(channel, &ChannelOpenOk::default().into());
+                    self.answer(channel, &ChannelOpenOk::default().into());
                     Ok(None)
                 }
                 other => Err(AmqpError::connection(
@@ -979,7 +995,7 @@ impl ConnectionMachine {
                         self.channels.remove(&channel);
                     }
                     Method::ChannelClose(_) => {
-                        self.send_method(channel, &ChannelCloseOk {}.into());
+                        self.answer(channel, &ChannelCloseOk {}.into());
                         self.channels.remove(&channel);
                     }
                     // Discarded until the client acknowledges our channel.close.
@@ -1015,7 +1031,7 @@ impl ConnectionMachine {
             )
             .caused_by(&method)),
             Method::ChannelClose(_) => {
-                self.send_method(channel, &ChannelCloseOk {}.into());
+                self.answer(channel, &ChannelCloseOk {}.into());
                 self.channels.remove(&channel);
                 Ok(Some(Input::ChannelClosed(channel)))
             }
@@ -1027,7 +1043,7 @@ impl ConnectionMachine {
                 {
                     *flow_active = flow.active;
                 }
-                self.send_method(
+                self.answer(
                     channel,
                     &ChannelFlowOk {
                         active: flow.active,

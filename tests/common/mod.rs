@@ -447,6 +447,20 @@ pub fn log_bytes(data: &std::path::Path) -> u64 {
     total
 }
 
+/// A lapin connection as guest, within 10 s, and a channel on it.
+pub async fn lapin_channel(broker: &Broker) -> (lapin::Connection, lapin::Channel) {
+    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port());
+    let connection = tokio::time::timeout(
+        Duration::from_secs(10),
+        lapin::Connection::connect(&uri, lapin::ConnectionProperties::default()),
+    )
+    .await
+    .expect("connect in time")
+    .expect("connect");
+    let channel = connection.create_channel().await.expect("channel");
+    (connection, channel)
+}
+
 /// Every message left in `queue` as (body, redelivered), taken one basic.get (no-ack) at a time
 /// through lapin until get-empty. Drains go through lapin: amqprs 2.1.5's channel dispatcher
 /// checks for a registered get responder before it looks at incoming frames, so a get-ok that
@@ -454,11 +468,7 @@ pub fn log_bytes(data: &std::path::Path) -> u64 {
 /// its task ("get responder must be registered") and the get fails.
 pub async fn drain_no_ack(broker: &Broker, queue: &str) -> Vec<(Vec<u8>, bool)> {
     use lapin::options::BasicGetOptions;
-    let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port());
-    let connection = lapin::Connection::connect(&uri, lapin::ConnectionProperties::default())
-        .await
-        .expect("connect");
-    let channel = connection.create_channel().await.expect("channel");
+    let (connection, channel) = lapin_channel(broker).await;
     let mut out = Vec::new();
     while let Some(message) = channel
         .basic_get(queue.into(), BasicGetOptions { no_ack: true })

@@ -1,0 +1,158 @@
+//! Read coalescing (`connection.read_coalesce_us`) through lapin: a client that streams
+//! publishes or acks is read at most once per interval, but nothing the client waits for may be
+//! held back by it. The interval here is 100 ms, the largest allowed, so that a wait that should
+//! have ended early costs seconds over a run instead of microseconds.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{lapin_channel, Broker};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
+    ConfirmSelectOptions, QueueDeclareOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel};
+
+const COALESCE_100_MS: &str = "[connection]\nread_coalesce_us = 100000\n";
+const WAIT: Duration = Duration::from_secs(10);
+/// A wait this long is most likely a whole interval: something the client waited for did not
+/// end it.
+const STALL: Duration = Duration::from_millis(80);
+/// A few stalls may come from a busy test machine; a missed wake-up makes dozens.
+const STALLS_MAX: usize = 8;
+
+async fn declare(channel: &Channel, name: &str) -> u32 {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.declare")
+        .message_count()
+}
+
+/// Publishes `count` messages without waiting for anything: a streaming publisher.
+async fn stream_publishes(channel: &Channel, queue: &str, count: usize) {
+    for i in 0..count {
+        channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                format!("m-{i}").as_bytes(),
+                BasicProperties::default(),
+            )
+            .await
+            .expect("publish");
+    }
+}
+
+#[tokio::test]
+async fn a_streaming_publisher_loses_nothing_and_its_next_request_is_answered() {
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    let (_connection, channel) = lapin_channel(&broker).await;
+    declare(&channel, "streamed").await;
+    stream_publishes(&channel, "streamed", 20_000).await;
+    let count = tokio::time::timeout(WAIT, declare(&channel, "streamed"))
+        .await
+        .expect("declare-ok in time");
+    assert_eq!(
+        count, 20_000,
+        "every streamed publish is in the queue, in order before it"
+    );
+}
+
+#[tokio::test]
+async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
+    // Its acks stream, but each ack it sends waits on the delivery before it: if the deliveries
+    // did not end the interval, the consumer would wait whole intervals for its next messages.
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    let (_pc, publisher) = lapin_channel(&broker).await;
+    let (_cc, consumer_channel) = lapin_channel(&broker).await;
+    declare(&publisher, "limited").await;
+    stream_publishes(&publisher, "limited", 10_000).await;
+    consumer_channel
+        .basic_qos(5, BasicQosOptions::default())
+        .await
+        .unwrap();
+    let mut consumer = consumer_channel
+        .basic_consume(
+            "limited".into(),
+            "c".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut stalls = Vec::new();
+    for i in 0..10_000 {
+        let waited = Instant::now();
+        let delivery = tokio::time::timeout(WAIT, consumer.next())
+            .await
+            .expect("delivery in time")
+            .expect("consumer open")
+            .expect("delivery");
+        if waited.elapsed() >= STALL {
+            stalls.push(waited.elapsed());
+        }
+        assert_eq!(delivery.data, format!("m-{i}").into_bytes());
+        delivery.ack(BasicAckOptions::default()).await.unwrap();
+    }
+    assert!(
+        stalls.len() <= STALLS_MAX,
+        "{} deliveries waited {STALL:?} or more: {stalls:?}",
+        stalls.len()
+    );
+}
+
+#[tokio::test]
+async fn a_publisher_waiting_for_confirms_is_not_held_back() {
+    // A window of 20: each batch waits for the confirms of the one before. If confirms did not
+    // end the interval, batches would wait whole intervals for them.
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    let (_connection, channel) = lapin_channel(&broker).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .unwrap();
+    declare(&channel, "confirmed").await;
+    let mut stalls = Vec::new();
+    for batch in 0..300 {
+        let sent = Instant::now();
+        let mut confirms = Vec::with_capacity(20);
+        for i in 0..20 {
+            let confirm = channel
+                .basic_publish(
+                    "".into(),
+                    "confirmed".into(),
+                    BasicPublishOptions::default(),
+                    format!("b{batch}-{i}").as_bytes(),
+                    BasicProperties::default(),
+                )
+                .await
+                .expect("publish");
+            confirms.push(confirm);
+        }
+        for confirm in confirms {
+            let confirmation = tokio::time::timeout(WAIT, confirm)
+                .await
+                .expect("confirm in time")
+                .expect("confirmation");
+            assert!(confirmation.is_ack());
+        }
+        if sent.elapsed() >= STALL {
+            stalls.push(sent.elapsed());
+        }
+    }
+    assert!(
+        stalls.len() <= STALLS_MAX,
+        "{} batches waited {STALL:?} or more for their confirms: {stalls:?}",
+        stalls.len()
+    );
+    assert_eq!(declare(&channel, "confirmed").await, 6_000);
+}
