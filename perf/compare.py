@@ -161,6 +161,14 @@ def report(machine, results, command, duration, backlog):
     return "\n".join(lines)
 
 
+def shardmq_version():
+    """The commit measured; "+changes" when the source tree differs from it (results/ aside)."""
+    def git(*args):
+        return subprocess.run(["git", *args], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    changed = git("status", "--porcelain", "--", ".", ":!perf/results")
+    return git("rev-parse", "--short", "HEAD") + ("+changes" if changed else "")
+
+
 THROUGHPUT_SCENARIOS = ["1p-1c-16B", "4x4-4q-1KiB", "fanout-1to8-256B", "persistent-1KiB-confirm1000"]
 
 
@@ -284,7 +292,7 @@ def main():
         "cpus": os.cpu_count(),
         "cpu_model": next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?"),
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
-        "shardmq": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip(),
+        "shardmq": shardmq_version(),
         "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
     }
     results = []
