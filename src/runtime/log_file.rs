@@ -20,6 +20,7 @@
 use std::cell::{Cell, RefCell};
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use glommio::io::DmaFile;
@@ -31,7 +32,13 @@ type Callback = Box<dyn FnOnce(bool)>;
 
 /// Buffers that grew past this in a burst are given back once it is written: a shard keeps a
 /// writer per segment (tens of them), most of them idle after the log rolled on.
-const BUFFER_KEEP_BYTES: usize = 256 << 10;
+const BUFFER_KEEP_BYTES: usize = 1 << 20;
+
+/// A writer with nothing to write for this long gives its buffers back (its segment is most
+/// likely not the newest any more). A busy log catches up between batches all the time (a
+/// producer waiting for its confirms), and giving the buffers back then made every batch grow
+/// a new one again, reallocating and copying as it grew.
+const IDLE_GIVE_BACK: Duration = Duration::from_secs(1);
 
 pub struct LogWriter {
     path: PathBuf,
@@ -111,6 +118,20 @@ impl LogWriter {
                 if self.closed.get() {
                     return;
                 }
+                let woken = futures_lite::future::or(
+                    async {
+                        self.wake.wait().await;
+                        true
+                    },
+                    async {
+                        glommio::timer::sleep(IDLE_GIVE_BACK).await;
+                        false
+                    },
+                )
+                .await;
+                if woken {
+                    continue;
+                }
                 // Idle: keep no more than the partial last block. A shard keeps a writer per
                 // segment, and all but the newest stay idle until their segment is deleted.
                 spare = BytesMut::new();
@@ -157,11 +178,16 @@ impl LogWriter {
                 Ok(()) => {
                     self.synced_bytes.set(offset + batch.len() as u64);
                     offset += whole_blocks as u64;
-                    // A burst (a slow sync under heavy appends) must not pin its buffer for good.
-                    if batch.capacity() <= BUFFER_KEEP_BYTES {
-                        spare = batch;
-                        spare.clear();
-                    }
+                    // A burst (a slow sync under heavy appends) must not pin its buffer for good;
+                    // its replacement starts at the kept size, not empty, so that the next
+                    // batches do not grow it again by reallocating (and copying) step by step.
+                    spare = if batch.capacity() <= BUFFER_KEEP_BYTES {
+                        let mut batch = batch;
+                        batch.clear();
+                        batch
+                    } else {
+                        BytesMut::with_capacity(BUFFER_KEEP_BYTES)
+                    };
                     for callback in callbacks {
                         callback(true);
                     }
