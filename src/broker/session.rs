@@ -35,8 +35,8 @@ use super::routing::{
 };
 use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
 use crate::codec::{
-    BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicDeliver, BasicGetEmpty, BasicGetOk,
-    BasicNack, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, ExchangeBindOk,
+    BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicGetEmpty, BasicGetOk, BasicNack,
+    BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, DeliverArgs, ExchangeBindOk,
     ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk,
     QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk,
     TxSelectOk, HEADERS_FLAG, USER_ID_FLAG,
@@ -1574,21 +1574,16 @@ impl Session {
             tag
         });
         let message = &delivery.message;
-        let deliver = BasicDeliver {
-            consumer_tag: tag,
+        let args = DeliverArgs {
+            consumer_tag: tag.as_bytes(),
             delivery_tag,
             redelivered: delivery.redelivered,
-            exchange: short(message.exchange_shared()),
-            routing_key: short(message.routing_key_shared()),
+            exchange: message.exchange(),
+            routing_key: message.routing_key(),
         };
         let outbound_full = {
             let mut machine = self.machine.borrow_mut();
-            machine.send_content(
-                channel,
-                &deliver.into(),
-                message.properties(),
-                message.body(),
-            );
+            machine.send_delivery(channel, args, message.properties(), message.body());
             machine.outbound().len() > self.outbound_bytes_max
         };
         if mode != CreditMode::Window {

@@ -76,8 +76,9 @@ mod types;
 pub use error::{FrameError, ReplyCode};
 pub use frame::{
     check_protocol_header, decode_frame, encode_body, encode_content, encode_content_header,
-    encode_heartbeat, encode_method, ContentHeader, Frame, ProtocolHeader, FRAME_END,
-    FRAME_HEADER_BYTES, FRAME_MIN_SIZE, FRAME_OVERHEAD_BYTES, PROTOCOL_HEADER,
+    encode_delivery, encode_heartbeat, encode_method, ContentHeader, DeliverArgs, Frame,
+    ProtocolHeader, FRAME_END, FRAME_HEADER_BYTES, FRAME_MIN_SIZE, FRAME_OVERHEAD_BYTES,
+    PROTOCOL_HEADER,
 };
 pub use methods::*;
 pub use properties::{

@@ -36,11 +36,11 @@ use log::{debug, info, warn};
 use super::auth::{Directory, MECHANISMS};
 use super::error::{AmqpError, Scope};
 use crate::codec::{
-    check_protocol_header, decode_frame, encode_content, encode_heartbeat, encode_method,
-    ChannelCloseOk, ChannelFlowOk, ChannelOpenOk, ConnectionCloseOk, ConnectionOpen,
+    check_protocol_header, decode_frame, encode_content, encode_delivery, encode_heartbeat,
+    encode_method, ChannelCloseOk, ChannelFlowOk, ChannelOpenOk, ConnectionCloseOk, ConnectionOpen,
     ConnectionOpenOk, ConnectionStart, ConnectionStartOk, ConnectionTune, ConnectionTuneOk,
-    ConnectionUpdateSecretOk, ContentHeader, FieldTable, FieldValue, Frame, LongStr, Method,
-    ProtocolHeader, ReplyCode, ShortStr, FRAME_MIN_SIZE, PROTOCOL_HEADER,
+    ConnectionUpdateSecretOk, ContentHeader, DeliverArgs, FieldTable, FieldValue, Frame, LongStr,
+    Method, ProtocolHeader, ReplyCode, ShortStr, FRAME_MIN_SIZE, PROTOCOL_HEADER,
 };
 use crate::config::ConnectionConfig;
 
@@ -516,6 +516,24 @@ impl ConnectionMachine {
     /// waiting for that answer (the driver then does not coalesce its next read).
     pub fn take_answered_itself(&mut self) -> bool {
         std::mem::take(&mut self.answered_itself)
+    }
+
+    /// A basic.deliver with its header and body frames (see `frame::encode_delivery`).
+    pub fn send_delivery(
+        &mut self,
+        channel: u16,
+        args: DeliverArgs<'_>,
+        properties: &[u8],
+        body: &[u8],
+    ) {
+        encode_delivery(
+            &mut self.outbound,
+            channel,
+            args,
+            properties,
+            body,
+            self.tuning.frame_max,
+        );
     }
 
     /// A content-carrying method (deliver, get-ok, return) with its header and body frames.
