@@ -11,8 +11,8 @@ use std::hint::black_box;
 
 use bytes::BytesMut;
 use shardmq::codec::{
-    decode_frame, encode_content, BasicDeliver, BasicProperties, BasicPublish, Frame, Method,
-    ShortStr,
+    decode_frame, encode_content, encode_delivery, BasicProperties, BasicPublish, DeliverArgs,
+    Frame, Method, ShortStr,
 };
 
 fn publish_frames(body_bytes: usize, messages: usize) -> BytesMut {
@@ -54,14 +54,6 @@ fn decode_case(name: &str, body_bytes: usize) {
 }
 
 fn encode_case(name: &str, body_bytes: usize) {
-    let deliver: Method = BasicDeliver {
-        consumer_tag: ShortStr::from_static("amq.ctag-benchmark"),
-        delivery_tag: 1,
-        redelivered: false,
-        exchange: ShortStr::from_static("amq.direct"),
-        routing_key: ShortStr::from_static("bench.queue"),
-    }
-    .into();
     let properties = BasicProperties {
         delivery_mode: Some(2),
         ..Default::default()
@@ -71,8 +63,15 @@ fn encode_case(name: &str, body_bytes: usize) {
     let mut out = BytesMut::with_capacity(BATCH * (body_bytes + 128));
     support::measure(name, BATCH as u64, move || {
         out.clear();
-        for _ in 0..BATCH {
-            encode_content(&mut out, 1, &deliver, &properties, &body, 131072);
+        for tag in 0..BATCH as u64 {
+            let deliver = DeliverArgs {
+                consumer_tag: b"amq.ctag-benchmark",
+                delivery_tag: tag + 1,
+                redelivered: false,
+                exchange: b"amq.direct",
+                routing_key: b"bench.queue",
+            };
+            encode_delivery(&mut out, 1, deliver, &properties, &body, 131072);
         }
         black_box(&out);
     });
