@@ -68,6 +68,38 @@ async fn a_streaming_publisher_loses_nothing_and_its_next_request_is_answered() 
 }
 
 #[tokio::test]
+async fn an_error_after_streaming_closes_only_its_channel() {
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    let (connection, channel) = lapin_channel(&broker).await;
+    declare(&channel, "before-error").await;
+    stream_publishes(&channel, "before-error", 20_000).await;
+    let error = tokio::time::timeout(
+        WAIT,
+        channel.queue_declare(
+            "missing".into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..Default::default()
+            },
+            FieldTable::default(),
+        ),
+    )
+    .await
+    .expect("the error in time")
+    .expect_err("a passive declare of a missing queue");
+    assert!(
+        error.to_string().contains("404") || error.to_string().contains("NOT_FOUND"),
+        "{error}"
+    );
+    // The connection goes on, with everything published before the error.
+    let again = connection.create_channel().await.expect("a new channel");
+    let count = tokio::time::timeout(WAIT, declare(&again, "before-error"))
+        .await
+        .expect("declare-ok in time");
+    assert_eq!(count, 20_000);
+}
+
+#[tokio::test]
 async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
     // Its acks stream, but each ack it sends waits on the delivery before it: if the deliveries
     // did not end the interval, the consumer would wait whole intervals for its next messages.
