@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{lapin_channel, Broker, BALANCED};
+use common::{lapin_channel, lapin_publish, Broker, BALANCED};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
@@ -34,16 +34,8 @@ async fn publish(
     routing_key: &str,
     body: &[u8],
 ) -> Confirmation {
-    channel
-        .basic_publish(
-            exchange.into(),
-            routing_key.into(),
-            BasicPublishOptions::default(),
-            body,
-            BasicProperties::default(),
-        )
+    lapin_publish(channel, exchange, routing_key, body)
         .await
-        .expect("publish")
         .await
         .expect("confirmation")
 }

@@ -7,14 +7,14 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{lapin_channel, Broker};
+use common::{lapin_channel, lapin_publish, Broker};
 use futures_lite::StreamExt;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions,
-    ConfirmSelectOptions, QueueDeclareOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicQosOptions, ConfirmSelectOptions,
+    QueueDeclareOptions,
 };
 use lapin::types::FieldTable;
-use lapin::{BasicProperties, Channel};
+use lapin::Channel;
 
 const COALESCE_100_MS: &str = "[connection]\nread_coalesce_us = 100000\n";
 const WAIT: Duration = Duration::from_secs(10);
@@ -39,16 +39,7 @@ async fn declare(channel: &Channel, name: &str) -> u32 {
 /// Publishes `count` messages without waiting for anything: a streaming publisher.
 async fn stream_publishes(channel: &Channel, queue: &str, count: usize) {
     for i in 0..count {
-        channel
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                format!("m-{i}").as_bytes(),
-                BasicProperties::default(),
-            )
-            .await
-            .expect("publish");
+        lapin_publish(channel, "", queue, format!("m-{i}").as_bytes()).await;
     }
 }
 
@@ -158,16 +149,8 @@ async fn a_publisher_waiting_for_confirms_is_not_held_back() {
         let sent = Instant::now();
         let mut confirms = Vec::with_capacity(20);
         for i in 0..20 {
-            let confirm = channel
-                .basic_publish(
-                    "".into(),
-                    "confirmed".into(),
-                    BasicPublishOptions::default(),
-                    format!("b{batch}-{i}").as_bytes(),
-                    BasicProperties::default(),
-                )
-                .await
-                .expect("publish");
+            let body = format!("b{batch}-{i}");
+            let confirm = lapin_publish(&channel, "", "confirmed", body.as_bytes()).await;
             confirms.push(confirm);
         }
         for confirm in confirms {

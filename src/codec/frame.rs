@@ -325,6 +325,10 @@ pub fn encode_content(
     encode_body(out, channel, body, frame_max);
 }
 
+/// basic.deliver's method id in the basic class (the method table's; `encode_delivery`'s test
+/// holds the two together).
+const BASIC_DELIVER_METHOD_ID: u16 = 60;
+
 /// The arguments of one basic.deliver, its names borrowed from the consumer and the message.
 #[derive(Debug, Clone, Copy)]
 pub struct DeliverArgs<'a> {
@@ -368,8 +372,6 @@ pub fn encode_delivery(
     encode_content_header(out, channel, body.len() as u64, raw_properties);
     encode_body(out, channel, body, frame_max);
 }
-
-const BASIC_DELIVER_METHOD_ID: u16 = 60;
 
 #[cfg(test)]
 mod tests {

@@ -461,6 +461,26 @@ pub async fn lapin_channel(broker: &Broker) -> (lapin::Connection, lapin::Channe
     (connection, channel)
 }
 
+/// Publishes `body` through lapin with default options and properties; the returned confirm
+/// resolves when the broker confirms it (at once on a channel without confirms).
+pub async fn lapin_publish(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+) -> lapin::PublisherConfirm {
+    channel
+        .basic_publish(
+            exchange.into(),
+            routing_key.into(),
+            lapin::options::BasicPublishOptions::default(),
+            body,
+            lapin::BasicProperties::default(),
+        )
+        .await
+        .expect("publish")
+}
+
 /// Every message left in `queue` as (body, redelivered), taken one basic.get (no-ack) at a time
 /// through lapin until get-empty. Drains go through lapin: amqprs 2.1.5's channel dispatcher
 /// checks for a registered get responder before it looks at incoming frames, so a get-ok that
