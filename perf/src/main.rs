@@ -8,6 +8,9 @@
 
 mod options;
 
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -22,6 +25,7 @@ use amqprs::connection::{Connection, OpenConnectionArguments};
 use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use hdrhistogram::Histogram;
 use options::{ExchangeKind, Options};
+use tokio::sync::mpsc::error::TryRecvError;
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -298,7 +302,14 @@ async fn consume(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut unacked = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        let next = tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await;
+        // A ready delivery is taken without arming a timer; the timeout only bounds waiting.
+        let next = match deliveries.try_recv() {
+            Ok(message) => Ok(Some(message)),
+            Err(TryRecvError::Disconnected) => Ok(None),
+            Err(TryRecvError::Empty) => {
+                tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await
+            }
+        };
         let Ok(Some(message)) = next else {
             if matches!(next, Ok(None)) {
                 break;
