@@ -301,10 +301,19 @@ async fn consume(
     let mut local =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut unacked = 0u64;
+    let mut taken = 0u64;
     while !stop.load(Ordering::Relaxed) {
         // A ready delivery is taken without arming a timer; the timeout only bounds waiting.
+        // Taking them may not yield (no ack to send: auto-ack, multi-ack), so yield now and
+        // then to let this worker's other tasks (the connection's reader) run.
         let next = match deliveries.try_recv() {
-            Ok(message) => Ok(Some(message)),
+            Ok(message) => {
+                taken += 1;
+                if taken % 64 == 0 {
+                    tokio::task::yield_now().await;
+                }
+                Ok(Some(message))
+            }
             Err(TryRecvError::Disconnected) => Ok(None),
             Err(TryRecvError::Empty) => {
                 tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await
