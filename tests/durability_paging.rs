@@ -13,7 +13,9 @@ use amqprs::channel::{
     BasicQosArguments, Channel, ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{drain_no_ack, log_bytes, open_channel, rss_bytes, Broker, ChannelRecorder};
+use common::{
+    drain_no_ack, log_bytes, log_bytes_fall_below, open_channel, rss_bytes, Broker, ChannelRecorder,
+};
 
 /// A 64 KiB budget per shard, 1 MiB segments, queues spread over both shards.
 const CONFIG: &str = "[storage]\nsegment_bytes_max = 1048576\n[queues]\nplacement = \"balanced\"\nmemory_budget_bytes = 65536\n";
@@ -212,14 +214,8 @@ async fn segments_holding_paged_messages_are_compacted() {
     let (_d, drainer, _) = open_channel(&broker).await;
     let drained = consume(&drainer, "drain", 2970, SIZE).await;
     assert_eq!(drained.len(), 2970);
-    let mut remaining = u64::MAX;
-    for _ in 0..200 {
-        remaining = log_bytes(&broker.data_path());
-        if remaining < 400_000 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let remaining =
+        log_bytes_fall_below(&broker.data_path(), 400_000, Duration::from_secs(10)).await;
     assert!(remaining < 400_000, "log bytes after draining: {remaining}");
 
     let broker = broker.stop(libc::SIGTERM).restart();
@@ -308,14 +304,8 @@ async fn transient_messages_are_paged_under_pressure() {
         assert_eq!(number(&message.content.unwrap(), SIZE), n);
     }
     // Consumed: the written-out copies are dead, and their segments go.
-    let mut remaining = u64::MAX;
-    for _ in 0..100 {
-        remaining = log_bytes(&broker.data_path());
-        if remaining < data / 4 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let remaining =
+        log_bytes_fall_below(&broker.data_path(), data / 4, Duration::from_secs(5)).await;
     assert!(
         remaining < data / 4,
         "log bytes after consuming: {remaining}"

@@ -69,6 +69,9 @@ const OUTBOX_BYTES_MAX: usize = 16 << 20;
 const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(5);
 /// Publishers paused this long without memory falling resume (see `ShardBroker::check_flow`).
 const FLOW_STALL: Duration = Duration::from_secs(1);
+/// When the log left a sparse segment to drain, reclaiming runs again after this even if no
+/// settlement asks for it.
+const RECLAIM_RETRY: Duration = Duration::from_secs(1);
 
 /// Hands the allocator's free pages back to the system. After a pause the pager has freed many
 /// message buffers scattered through the heap; glibc keeps such pages resident until trimmed.
@@ -144,6 +147,8 @@ pub struct ShardBroker {
     /// This shard's write-ahead log (persistent messages on durable queues).
     wal: RefCell<Option<Rc<SegmentedWal>>>,
     reclaiming: Cell<bool>,
+    /// A reclaim is due after `RECLAIM_RETRY` (the log's head segment was left to drain).
+    reclaim_retry: Cell<bool>,
     segment_bytes_max: u64,
     compact_live_fraction: f64,
     /// Bytes of ready messages in memory over all owned queues, and the budget past which the
@@ -206,6 +211,7 @@ impl ShardBroker {
             counters: Cell::new(MeshCounters::default()),
             wal: RefCell::new(None),
             reclaiming: Cell::new(false),
+            reclaim_retry: Cell::new(false),
             segment_bytes_max: config.storage.segment_bytes_max,
             compact_live_fraction: config.storage.compact_live_fraction,
             meter: MemoryMeter::default(),
@@ -1232,10 +1238,18 @@ impl ShardBroker {
             // Let the current batch of settlements land first.
             futures_lite::future::yield_now().await;
             let wal = shard.wal.borrow().clone();
-            if let Some(wal) = wal {
-                wal.reclaim(shard.as_ref()).await;
-            }
+            let draining = match wal {
+                Some(wal) => wal.reclaim(shard.as_ref()).await,
+                None => false,
+            };
             shard.reclaiming.set(false);
+            if draining && !shard.reclaim_retry.replace(true) {
+                // Settlements call reclaim again while consumers drain; this covers them
+                // stopping before the segment is empty.
+                glommio::timer::sleep(RECLAIM_RETRY).await;
+                shard.reclaim_retry.set(false);
+                shard.schedule_reclaim();
+            }
         })
         .detach();
     }

@@ -10,7 +10,11 @@
 //! messages of older segments, so deleting one out of order could bring settled messages back
 //! at replay. The oldest segment is deleted once nothing in it is live; when few of its messages
 //! are live (below `storage.compact_live_fraction`), they are appended again to the newest
-//! segment first (compaction), then it is deleted.
+//! segment first (compaction), then it is deleted. Not while they are being consumed, though:
+//! a backlog drained in order leaves each segment half live on its way out, and compacting then
+//! rewrote every second message it was about to settle. A head segment whose live count fell
+//! since a recent look, at a pace that empties it within `DRAIN_HORIZON`, is left to drain
+//! (`reclaim` says so, and is called again later).
 //!
 //! Segments also serve reads: a paged-out message is read back from its record's
 //! [`Location`]. A segment left by an earlier run is kept as it is (read-only, no writer) until
@@ -25,6 +29,7 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
 use std::rc::Rc;
+use std::time::{Duration, Instant};
 
 use ahash::HashMap;
 use bytes::Bytes;
@@ -42,6 +47,16 @@ use crate::runtime::log_file::LogWriter;
 const COMPACT_MESSAGES_PER_CALL: usize = 4096;
 /// One read of paged-out records covers at most this many bytes.
 const READ_BYTES_MAX: u64 = 1 << 20;
+/// A sparse head segment is not compacted while consumers settle its live messages fast enough
+/// to empty it within this.
+const DRAIN_HORIZON: Duration = Duration::from_secs(10);
+/// A segment counts as draining only if its live count fell since a look at most this old:
+/// settlements call `reclaim` all the time while consumers are at work, so an older look means
+/// they stopped.
+const DRAIN_LOOK_MAX_AGE: Duration = Duration::from_millis(250);
+/// How many of the oldest segments each look notes: one settlement (an ack with `multiple`) can
+/// empty several segments at once, and the one that becomes the head needs a history.
+const LOOKED_SEGMENTS: usize = 8;
 
 struct Segment {
     generation: u64,
@@ -54,6 +69,9 @@ struct Segment {
     live: HashMap<LoggedQueue, RoaringTreemap>,
     live_count: u64,
     enqueued_count: u64,
+    /// When `reclaim` last looked at this segment (one of the `LOOKED_SEGMENTS` oldest), and its
+    /// live count then.
+    looked: Cell<Option<(Instant, u64)>>,
 }
 
 impl Segment {
@@ -67,6 +85,7 @@ impl Segment {
             live: HashMap::default(),
             live_count: 0,
             enqueued_count: 0,
+            looked: Cell::new(None),
         }
     }
 }
@@ -176,6 +195,7 @@ impl SegmentedWal {
                 live_count: r.live.values().map(RoaringTreemap::len).sum(),
                 live: r.live,
                 enqueued_count: r.enqueued_count,
+                looked: Cell::new(None),
             })
             .collect();
         segments.push_back(Segment::new(generation, path, writer));
@@ -410,36 +430,43 @@ impl SegmentedWal {
     }
 
     /// Deletes the oldest segments that hold nothing live, compacting the oldest one first when
-    /// little of it is live.
-    pub async fn reclaim(self: &Rc<Self>, host: &dyn CompactionHost) {
+    /// little of it is live. Returns true if it left a sparse head segment to drain: call it
+    /// again later, in case no settlement comes to do so.
+    pub async fn reclaim(self: &Rc<Self>, host: &dyn CompactionHost) -> bool {
         let mut budget = COMPACT_MESSAGES_PER_CALL;
         loop {
             if self.closing.get() {
-                return;
+                return false;
             }
             let (live_count, enqueued_count, count) = {
                 let segments = self.segments.borrow();
-                let Some(head) = segments.front() else { return };
+                let Some(head) = segments.front() else {
+                    return false;
+                };
                 (head.live_count, head.enqueued_count, segments.len())
             };
             if count < 2 {
-                return;
+                return false;
             }
             if live_count > 0 {
+                let draining = self.head_draining();
                 let fraction = live_count as f64 / enqueued_count.max(1) as f64;
                 // Never compact into a log that is itself only one segment behind: keep at
                 // least the active segment and one more.
                 if fraction >= self.compact_live_fraction || count < 3 || budget == 0 {
-                    return;
+                    return false;
+                }
+                if draining {
+                    return true;
                 }
                 budget = budget.saturating_sub(self.compact_head(host, budget).await);
                 let still_live = self.segments.borrow().front().map_or(0, |h| h.live_count);
                 if still_live > 0 {
-                    return;
+                    return false;
                 }
             }
             let Some(head) = self.segments.borrow_mut().pop_front() else {
-                return;
+                return false;
             };
             if let Some(writer) = &head.writer {
                 writer.close();
@@ -454,6 +481,28 @@ impl SegmentedWal {
                 );
             }
         }
+    }
+
+    /// Notes the live counts of the oldest segments (so that the next heads have a history when
+    /// they become the head); true if the head's fell since a recent look, at a pace that
+    /// empties it within `DRAIN_HORIZON`.
+    fn head_draining(&self) -> bool {
+        let now = Instant::now();
+        let segments = self.segments.borrow();
+        let mut draining = false;
+        for (index, segment) in segments.iter().take(LOOKED_SEGMENTS).enumerate() {
+            let previous = segment.looked.replace(Some((now, segment.live_count)));
+            if index == 0 {
+                draining = previous.is_some_and(|(at, live)| {
+                    let elapsed = now.duration_since(at);
+                    elapsed <= DRAIN_LOOK_MAX_AGE
+                        && live > segment.live_count
+                        && elapsed.as_secs_f64() * segment.live_count as f64
+                            <= DRAIN_HORIZON.as_secs_f64() * (live - segment.live_count) as f64
+                });
+            }
+        }
+        draining
     }
 
     /// Logs the head segment's live messages again in the active one (reading back those that
@@ -538,6 +587,7 @@ impl SegmentedWal {
             return 0;
         }
         let count = moved.len();
+        debug!("log segment {head_generation}: {count} live messages compacted");
         for (queue, id, location) in moved {
             self.forget(head_generation, &queue, id);
             if host.find(&queue, id).is_some() {

@@ -447,6 +447,19 @@ pub fn log_bytes(data: &std::path::Path) -> u64 {
     total
 }
 
+/// Waits up to `within` for the log files under `data` to shrink below `limit` bytes (segments
+/// are reclaimed in the background); returns their size at the end.
+pub async fn log_bytes_fall_below(data: &std::path::Path, limit: u64, within: Duration) -> u64 {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let bytes = log_bytes(data);
+        if bytes < limit || std::time::Instant::now() >= deadline {
+            return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A lapin connection as guest, within 10 s, and a channel on it.
 pub async fn lapin_channel(broker: &Broker) -> (lapin::Connection, lapin::Channel) {
     let uri = format!("amqp://guest:guest@127.0.0.1:{}/%2f", broker.port());
