@@ -19,9 +19,13 @@ use common::{
 /// Small segments, so that a few megabytes roll through many of them.
 const CONFIG: &str = "[storage]\nsegment_bytes_max = 65536\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"balanced\"\n";
 
-/// Declares `queue` durable and publishes `count` persistent 1 KiB messages to it, numbered in
-/// their first 8 bytes, with confirms (a window of 200).
+/// Puts `channel` in confirm mode, declares `queue` durable and publishes `count` persistent
+/// 1 KiB messages to it, numbered in their first 8 bytes, with confirms (a window of 200).
 async fn publish_backlog(channel: &Channel, recorder: &ChannelRecorder, queue: &str, count: u64) {
+    channel
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
     let mut declare = QueueDeclareArguments::new(queue);
     declare.durable(true);
     channel.queue_declare(declare).await.unwrap();
@@ -51,10 +55,6 @@ async fn publish_backlog(channel: &Channel, recorder: &ChannelRecorder, queue: &
 async fn settled_segments_are_deleted_and_sparse_ones_compacted() {
     let broker = Broker::start_with_config(CONFIG);
     let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
     const MESSAGES: u64 = 3000;
     publish_backlog(&channel, &recorder, "disk", MESSAGES).await;
     let written = log_bytes(&broker.data_path());
@@ -121,10 +121,6 @@ async fn a_backlog_drained_in_order_is_not_rewritten() {
     let config = format!("{CONFIG}memory_budget_bytes = 65536\n");
     let broker = Broker::start_with_config(&config);
     let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
     const MESSAGES: u64 = 4000;
     publish_backlog(&channel, &recorder, "backlog", MESSAGES).await;
 
