@@ -134,6 +134,10 @@ pub struct ShardBroker {
     pending: RefCell<HashMap<u64, oneshot::Sender<Reply>>>,
     next_token: Cell<u64>,
     outbox: RefCell<Vec<Vec<ShardMessage>>>,
+    /// An emptied batch of this shard's own messages, to take the outbox's place when the flush
+    /// task takes it: handling local messages posts more, and a vector grown from nothing for
+    /// each round reallocated (and copied) its way up every time.
+    spare_local_batch: RefCell<Vec<ShardMessage>>,
     flush_scheduled: Cell<bool>,
     /// Raised when a congested outbox drained (readers waiting on back-pressure resume).
     pub outbox_drained: Signal,
@@ -201,6 +205,7 @@ impl ShardBroker {
             pending: RefCell::new(HashMap::new()),
             next_token: Cell::new(1),
             outbox: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
+            spare_local_batch: RefCell::new(Vec::new()),
             flush_scheduled: Cell::new(false),
             outbox_drained: Signal::default(),
             outbox_messages_max: config.runtime.mesh_channel_capacity * 64,
@@ -429,7 +434,14 @@ impl ShardBroker {
                     .iter_mut()
                     .enumerate()
                     .filter(|(_, batch)| !batch.is_empty())
-                    .map(|(index, batch)| (index, std::mem::take(batch)))
+                    .map(|(index, batch)| {
+                        let fresh = if index == self.id.index() {
+                            std::mem::take(&mut *self.spare_local_batch.borrow_mut())
+                        } else {
+                            Vec::new()
+                        };
+                        (index, std::mem::replace(batch, fresh))
+                    })
                     .collect()
             };
             self.outbox_bytes.set(0);
@@ -444,11 +456,9 @@ impl ShardBroker {
                     for message in batch.drain(..) {
                         self.handle(self.id, message);
                     }
-                    // Give the emptied vector back, so the next local batch does not grow a
-                    // new one from nothing (unless handling queued more meanwhile).
-                    let mut outbox = self.outbox.borrow_mut();
-                    if outbox[index].capacity() == 0 {
-                        outbox[index] = batch;
+                    // Keep the emptied vector for the next round (a burst's is not kept).
+                    if batch.capacity() <= OUTBOX_FLUSH_MESSAGES * 2 {
+                        *self.spare_local_batch.borrow_mut() = batch;
                     }
                     continue;
                 }
