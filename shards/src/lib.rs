@@ -10,6 +10,7 @@
 //! - Everything that crosses cores is plain `Send` data; bodies are refcounted `bytes::Bytes`,
 //!   never copied.
 
+pub mod buffer_pool;
 pub mod id_map;
 pub mod message;
 pub mod queue;

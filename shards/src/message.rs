@@ -45,7 +45,7 @@ impl Message {
         body: Bytes,
         persistent: bool,
     ) -> Message {
-        let envelope = Self::build_envelope(exchange, routing_key, properties, persistent, 0);
+        let envelope = Self::build_envelope(exchange, routing_key, properties, persistent);
         Message {
             envelope: envelope.freeze(),
             body,
@@ -53,7 +53,8 @@ impl Message {
     }
 
     /// Like `new`, but copies `body` into the envelope's buffer: a small message then costs one
-    /// buffer and one shared header, where a separate body costs two of each.
+    /// buffer (recycled, see `buffer_pool`) and one shared header, where a separate body costs
+    /// two of each.
     pub fn with_copied_body(
         exchange: &[u8],
         routing_key: &[u8],
@@ -61,14 +62,15 @@ impl Message {
         body: &[u8],
         persistent: bool,
     ) -> Message {
-        let mut envelope =
-            Self::build_envelope(exchange, routing_key, properties, persistent, body.len());
-        let envelope_len = envelope.len();
-        envelope.put_slice(body);
-        let body = envelope.split_off(envelope_len);
+        assert!(exchange.len() <= 255 && routing_key.len() <= 255);
+        let envelope_len = PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len();
+        let buffer = crate::buffer_pool::build(envelope_len + body.len(), |buffer| {
+            Self::put_envelope(buffer, exchange, routing_key, properties, persistent);
+            buffer.put_slice(body);
+        });
         Message {
-            envelope: envelope.freeze(),
-            body: body.freeze(),
+            envelope: buffer.slice(..envelope_len),
+            body: buffer.slice(envelope_len..),
         }
     }
 
@@ -77,19 +79,28 @@ impl Message {
         routing_key: &[u8],
         properties: &[u8],
         persistent: bool,
-        extra: usize,
     ) -> BytesMut {
         assert!(exchange.len() <= 255 && routing_key.len() <= 255);
         let mut envelope = BytesMut::with_capacity(
-            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len() + extra,
+            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len(),
         );
-        envelope.put_u8(exchange.len() as u8);
-        envelope.put_u8(routing_key.len() as u8);
-        envelope.put_u8(if persistent { FLAG_PERSISTENT } else { 0 });
-        envelope.put_slice(exchange);
-        envelope.put_slice(routing_key);
-        envelope.put_slice(properties);
+        Self::put_envelope(&mut envelope, exchange, routing_key, properties, persistent);
         envelope
+    }
+
+    fn put_envelope(
+        out: &mut impl BufMut,
+        exchange: &[u8],
+        routing_key: &[u8],
+        properties: &[u8],
+        persistent: bool,
+    ) {
+        out.put_u8(exchange.len() as u8);
+        out.put_u8(routing_key.len() as u8);
+        out.put_u8(if persistent { FLAG_PERSISTENT } else { 0 });
+        out.put_slice(exchange);
+        out.put_slice(routing_key);
+        out.put_slice(properties);
     }
 
     /// Rebuilds a message from its envelope and body as logged; `None` if the envelope is
