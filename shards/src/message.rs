@@ -62,7 +62,6 @@ impl Message {
         body: &[u8],
         persistent: bool,
     ) -> Message {
-        assert!(exchange.len() <= 255 && routing_key.len() <= 255);
         let envelope_len = PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len();
         let buffer = crate::buffer_pool::build(envelope_len + body.len(), |buffer| {
             Self::put_envelope(buffer, exchange, routing_key, properties, persistent);
@@ -80,7 +79,6 @@ impl Message {
         properties: &[u8],
         persistent: bool,
     ) -> BytesMut {
-        assert!(exchange.len() <= 255 && routing_key.len() <= 255);
         let mut envelope = BytesMut::with_capacity(
             PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len(),
         );
@@ -95,6 +93,7 @@ impl Message {
         properties: &[u8],
         persistent: bool,
     ) {
+        assert!(exchange.len() <= 255 && routing_key.len() <= 255);
         out.put_u8(exchange.len() as u8);
         out.put_u8(routing_key.len() as u8);
         out.put_u8(if persistent { FLAG_PERSISTENT } else { 0 });
