@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments};
 use amqprs::BasicProperties;
-use common::{drain_no_ack, open_channel, Broker, BALANCED_PAGING};
+use common::{
+    consume_with_prefetch, drain_no_ack, next_delivery, open_channel, Broker, BALANCED_PAGING,
+};
 
 const PRODUCERS: usize = 3;
 const ROUNDS: u64 = 4;
@@ -116,7 +118,7 @@ async fn confirmed_messages_survive_sigkill_exactly_once() {
 /// had delivered), each once, in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acked_messages_stay_acked_across_sigkill() {
-    use amqprs::channel::{BasicAckArguments, BasicConsumeArguments, BasicQosArguments};
+    use amqprs::channel::{BasicAckArguments, BasicQosArguments};
 
     const MESSAGES: u64 = 2000;
     let mut broker = Broker::start_with_config(BALANCED_PAGING);
@@ -146,22 +148,12 @@ async fn acked_messages_stay_acked_across_sigkill() {
                 .await;
         }
         let (connection, consumer, _) = open_channel(&broker).await;
-        consumer
-            .basic_qos(BasicQosArguments::new(0, 50, false))
-            .await
-            .unwrap();
-        let (_, mut rx) = consumer
-            .basic_consume_rx(BasicConsumeArguments::new(&queue, "worker"))
-            .await
-            .unwrap();
+        let (_, mut rx) = consume_with_prefetch(&consumer, &queue, "worker", 50).await;
         let mut acked_durably: BTreeSet<u64> = BTreeSet::new();
         let mut acked_pending: Vec<u64> = Vec::new();
         let stop_after = 500 + round * 600;
         for _ in 0..stop_after {
-            let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("delivery")
-                .expect("open");
+            let message = next_delivery(&mut rx).await;
             let n: u64 = String::from_utf8(message.content.unwrap())
                 .unwrap()
                 .parse()

@@ -8,12 +8,13 @@ use std::time::Duration;
 
 use amqprs::channel::Channel;
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments,
-    ConfirmSelectArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments,
+    QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
 use common::{
-    drain_no_ack, log_bytes, log_bytes_fall_below, open_channel, Broker, ChannelRecorder,
+    consume_with_prefetch, drain_no_ack, log_bytes, log_bytes_fall_below, next_delivery,
+    open_channel, Broker, ChannelRecorder,
 };
 
 /// Small segments, so that a few megabytes roll through many of them.
@@ -71,10 +72,7 @@ async fn settled_segments_are_deleted_and_sparse_ones_compacted() {
         .unwrap();
     let mut kept = Vec::new();
     for _ in 0..MESSAGES {
-        let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("delivery")
-            .expect("open");
+        let message = next_delivery(&mut rx).await;
         let content = message.content.unwrap();
         let n = u64::from_be_bytes(content[..8].try_into().unwrap());
         let tag = message.deliver.unwrap().delivery_tag();
@@ -126,19 +124,9 @@ async fn a_backlog_drained_in_order_is_not_rewritten() {
 
     // Drained as a PerfTest consumer would: a prefetch window, acks with `multiple`.
     let (_cc, consumer, _) = open_channel(&broker).await;
-    consumer
-        .basic_qos(BasicQosArguments::new(0, 500, false))
-        .await
-        .unwrap();
-    let (_, mut rx) = consumer
-        .basic_consume_rx(BasicConsumeArguments::new("backlog", "drain"))
-        .await
-        .unwrap();
+    let (_, mut rx) = consume_with_prefetch(&consumer, "backlog", "drain", 500).await;
     for n in 1..=MESSAGES {
-        let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-            .await
-            .expect("delivery")
-            .expect("open");
+        let message = next_delivery(&mut rx).await;
         if n % 50 == 0 {
             let tag = message.deliver.unwrap().delivery_tag();
             consumer

@@ -9,12 +9,13 @@ mod common;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments,
-    BasicQosArguments, Channel, ConfirmSelectArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments, Channel,
+    ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
 use common::{
-    drain_no_ack, log_bytes, log_bytes_fall_below, open_channel, rss_bytes, Broker, ChannelRecorder,
+    consume_with_prefetch, drain_no_ack, log_bytes, log_bytes_fall_below, open_channel, rss_bytes,
+    Broker, ChannelRecorder,
 };
 
 /// A 64 KiB budget per shard, 1 MiB segments, queues spread over both shards.
@@ -80,14 +81,7 @@ async fn publish(
 
 /// (number, redelivered) of `count` messages consumed with prefetch 50 and acked.
 async fn consume(channel: &Channel, queue: &str, count: u64, size: usize) -> Vec<(u64, bool)> {
-    channel
-        .basic_qos(BasicQosArguments::new(0, 50, false))
-        .await
-        .unwrap();
-    let (tag, mut rx) = channel
-        .basic_consume_rx(BasicConsumeArguments::new(queue, ""))
-        .await
-        .unwrap();
+    let (tag, mut rx) = consume_with_prefetch(channel, queue, "", 50).await;
     let mut out = Vec::new();
     for _ in 0..count {
         let message = tokio::time::timeout(Duration::from_secs(20), rx.recv())

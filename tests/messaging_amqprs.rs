@@ -17,7 +17,7 @@ use amqprs::channel::{
 };
 use amqprs::channel::{Channel, ConsumerMessage};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
-use common::{open_channel, Broker, BALANCED};
+use common::{consume_with_prefetch, next_delivery, open_channel, Broker, BALANCED};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -39,13 +39,6 @@ async fn publish(channel: &Channel, exchange: &str, routing_key: &str, body: &[u
         )
         .await
         .expect("publish");
-}
-
-async fn next(rx: &mut UnboundedReceiver<ConsumerMessage>) -> ConsumerMessage {
-    tokio::time::timeout(WAIT, rx.recv())
-        .await
-        .expect("a delivery in time")
-        .expect("consumer open")
 }
 
 fn body(message: &ConsumerMessage) -> String {
@@ -87,7 +80,7 @@ async fn publish_and_consume_in_order_with_acks_across_connections() {
         .await
         .expect("consume");
     for i in 0..200 {
-        let message = next(&mut rx).await;
+        let message = next_delivery(&mut rx).await;
         assert_eq!(body(&message), format!("m{i}"));
         assert!(!message.deliver.as_ref().unwrap().redelivered());
         consumer
@@ -305,17 +298,10 @@ async fn prefetch_limits_unacked_deliveries_per_consumer() {
     for i in 0..10 {
         publish(&publisher, "", "pf", format!("{i}").as_bytes()).await;
     }
-    consumer
-        .basic_qos(BasicQosArguments::new(0, 3, false))
-        .await
-        .unwrap();
-    let (_, mut rx) = consumer
-        .basic_consume_rx(BasicConsumeArguments::new("pf", "limited"))
-        .await
-        .unwrap();
+    let (_, mut rx) = consume_with_prefetch(&consumer, "pf", "limited", 3).await;
     let mut held = Vec::new();
     for _ in 0..3 {
-        held.push(next(&mut rx).await);
+        held.push(next_delivery(&mut rx).await);
     }
     assert_quiet(&mut rx).await;
     // Acking two (multiple) lets exactly two more through.
@@ -323,7 +309,7 @@ async fn prefetch_limits_unacked_deliveries_per_consumer() {
         .basic_ack(BasicAckArguments::new(tag(&held[1]), true))
         .await
         .unwrap();
-    let more = [next(&mut rx).await, next(&mut rx).await];
+    let more = [next_delivery(&mut rx).await, next_delivery(&mut rx).await];
     assert_eq!(body(&more[0]), "3");
     assert_eq!(body(&more[1]), "4");
     assert_quiet(&mut rx).await;
@@ -348,8 +334,8 @@ async fn round_robin_between_consumers() {
     let mut first = Vec::new();
     let mut second = Vec::new();
     for _ in 0..5 {
-        first.push(body(&next(&mut rx1).await));
-        second.push(body(&next(&mut rx2).await));
+        first.push(body(&next_delivery(&mut rx1).await));
+        second.push(body(&next_delivery(&mut rx2).await));
     }
     assert_eq!(first, vec!["0", "2", "4", "6", "8"]);
     assert_eq!(second, vec!["1", "3", "5", "7", "9"]);
@@ -368,16 +354,16 @@ async fn nack_and_reject_requeue_with_the_redelivered_flag_in_order() {
         .await
         .unwrap();
     let first = [
-        next(&mut rx).await,
-        next(&mut rx).await,
-        next(&mut rx).await,
+        next_delivery(&mut rx).await,
+        next_delivery(&mut rx).await,
+        next_delivery(&mut rx).await,
     ];
     // Nack the first two at once with requeue: they come back in their old order.
     channel
         .basic_nack(BasicNackArguments::new(tag(&first[1]), true, true))
         .await
         .unwrap();
-    let again = [next(&mut rx).await, next(&mut rx).await];
+    let again = [next_delivery(&mut rx).await, next_delivery(&mut rx).await];
     let bodies: Vec<String> = again.iter().map(body).collect();
     assert_eq!(bodies, vec!["0", "1"]);
     assert!(again
@@ -388,7 +374,7 @@ async fn nack_and_reject_requeue_with_the_redelivered_flag_in_order() {
         .basic_reject(BasicRejectArguments::new(tag(&again[0]), true))
         .await
         .unwrap();
-    let third = next(&mut rx).await;
+    let third = next_delivery(&mut rx).await;
     assert_eq!(body(&third), "0");
     assert!(third.deliver.as_ref().unwrap().redelivered());
     // Nack without requeue drops.
@@ -413,7 +399,7 @@ async fn closing_a_channel_requeues_its_unacked_messages() {
         .await
         .unwrap();
     for _ in 0..5 {
-        next(&mut rx).await;
+        next_delivery(&mut rx).await;
     }
     consumer.close().await.unwrap();
     drop(connection);
@@ -820,9 +806,9 @@ async fn channel_flow_off_holds_deliveries_until_it_is_on() {
     assert_quiet(&mut rx).await;
     consumer.flow(true).await.unwrap();
     let bodies: Vec<String> = [
-        next(&mut rx).await,
-        next(&mut rx).await,
-        next(&mut rx).await,
+        next_delivery(&mut rx).await,
+        next_delivery(&mut rx).await,
+        next_delivery(&mut rx).await,
     ]
     .iter()
     .map(body)

@@ -10,7 +10,7 @@ use amqprs::channel::{
     BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{open_channel, Broker, BALANCED};
+use common::{next_delivery, open_channel, Broker, BALANCED};
 
 fn counter(line: &str, label: &str) -> u64 {
     // "... {n} publishes and {m} deliveries received from other shards"
@@ -58,10 +58,7 @@ async fn publishes_and_deliveries_cross_the_mesh() {
         .await;
     for (queue, rx) in queues.iter().zip(receivers.iter_mut()) {
         for round in 0..25 {
-            let message = tokio::time::timeout(Duration::from_secs(10), rx.recv())
-                .await
-                .expect("delivery in time")
-                .expect("consumer open");
+            let message = next_delivery(rx).await;
             assert_eq!(
                 message.content.unwrap(),
                 format!("{queue}-{round}").into_bytes()

@@ -415,6 +415,40 @@ pub async fn open_channel(
     (connection, channel, recorder)
 }
 
+/// Consumes `queue` on `channel` with a per-consumer prefetch of `prefetch` (basic.qos, then
+/// basic.consume); returns the consumer tag and its deliveries.
+pub async fn consume_with_prefetch(
+    channel: &amqprs::channel::Channel,
+    queue: &str,
+    consumer_tag: &str,
+    prefetch: u16,
+) -> (
+    String,
+    tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+) {
+    channel
+        .basic_qos(amqprs::channel::BasicQosArguments::new(0, prefetch, false))
+        .await
+        .unwrap();
+    channel
+        .basic_consume_rx(amqprs::channel::BasicConsumeArguments::new(
+            queue,
+            consumer_tag,
+        ))
+        .await
+        .unwrap()
+}
+
+/// The next delivery, within 10 s.
+pub async fn next_delivery(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<amqprs::channel::ConsumerMessage>,
+) -> amqprs::channel::ConsumerMessage {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a delivery in time")
+        .expect("consumer open")
+}
+
 /// Config for tests that want queues spread over the shards (so that publisher, consumer and
 /// queue owner sit on different cores).
 pub const BALANCED: &str = "[queues]\nplacement = \"balanced\"\n";
