@@ -36,10 +36,10 @@ use super::routing::{
 use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
 use crate::codec::{
     BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicGetEmpty, BasicGetOk, BasicNack,
-    BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, DeliverArgs, ExchangeBindOk,
-    ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk,
-    QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk,
-    TxSelectOk, HEADERS_FLAG, USER_ID_FLAG,
+    BasicPublish, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, DeliverArgs,
+    ExchangeBindOk, ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk,
+    QueueDeclareOk, QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk,
+    TxRollbackOk, TxSelectOk, HEADERS_FLAG, USER_ID_FLAG,
 };
 use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
@@ -280,29 +280,62 @@ impl Session {
             .unwrap_or_default()
     }
 
-    /// Carries out one method; errors become channel or connection closes. Returns whether it is
-    /// one a client streams without waiting for an answer, a publish or a settlement (see
-    /// `connection::driver`'s read coalescing).
-    pub async fn execute(self: &Rc<Self>, command: Command) -> bool {
-        let channel = command.channel;
-        // The ids, not a clone of the method: this runs for every publish.
-        let cause = (command.method.class_id(), command.method.method_id());
-        // Acks are fire-and-forget, but once a client sees the reply to a later method it may
-        // count on them: before answering anything, make the settlements sent so far durable.
-        let asynchronous = matches!(
-            command.method,
+    /// Whether `method` is one a client streams without waiting for an answer: a publish or a
+    /// settlement (ack, nack, reject). These never wait for anything, so
+    /// [`Session::execute_streamed`] carries them out synchronously, and the connection's reader
+    /// may coalesce its reads around them (see `connection::driver`).
+    pub fn is_streamed(method: &Method) -> bool {
+        matches!(
+            method,
             Method::BasicPublish(_)
                 | Method::BasicAck(_)
                 | Method::BasicNack(_)
                 | Method::BasicReject(_)
-        );
-        if !asynchronous {
-            self.settlement_barrier().await;
+        )
+    }
+
+    /// Carries out one method; errors become channel or connection closes.
+    pub async fn execute(self: &Rc<Self>, command: Command) {
+        if Self::is_streamed(&command.method) {
+            self.execute_streamed(command);
+            return;
         }
-        if let Err(error) = self.run(command).await {
+        let channel = command.channel;
+        let cause = (command.method.class_id(), command.method.method_id());
+        // Acks are fire-and-forget, but once a client sees the reply to a later method it may
+        // count on them: before answering anything, make the settlements sent so far durable.
+        self.settlement_barrier().await;
+        if let Err(error) = self.run(channel, command.method).await {
             self.raise(channel, error, cause);
         }
-        asynchronous
+    }
+
+    /// Carries out a publish or a settlement ([`Session::is_streamed`]) without a future: this
+    /// runs for every message, and building `run`'s future moved the command into it.
+    pub fn execute_streamed(self: &Rc<Self>, command: Command) {
+        let Command {
+            channel,
+            method,
+            content,
+        } = command;
+        let cause = (method.class_id(), method.method_id());
+        let result = match method {
+            Method::BasicPublish(m) => self.basic_publish(channel, m, content),
+            Method::BasicAck(m) => self.settle_or_defer(channel, m.delivery_tag, m.multiple, None),
+            Method::BasicNack(m) => {
+                self.settle_or_defer(channel, m.delivery_tag, m.multiple, Some(m.requeue))
+            }
+            Method::BasicReject(m) => {
+                self.settle_or_defer(channel, m.delivery_tag, false, Some(m.requeue))
+            }
+            other => Err(AmqpError::connection(
+                ReplyCode::InternalError,
+                format_args!("{} is not a streamed method", other.name()),
+            )),
+        };
+        if let Err(error) = result {
+            self.raise(channel, error, cause);
+        }
     }
 
     /// Waits until every owner that was sent a settlement (ack or drop) since the last barrier
@@ -327,12 +360,8 @@ impl Session {
         }
     }
 
-    async fn run(self: &Rc<Self>, command: Command) -> Result<(), AmqpError> {
-        let Command {
-            channel,
-            method,
-            content,
-        } = command;
+    /// Carries out a method that is not streamed (only basic.publish carries content).
+    async fn run(self: &Rc<Self>, channel: u16, method: Method) -> Result<(), AmqpError> {
         let vhost = self.vhost();
         match method {
             Method::ExchangeDeclare(m) => {
@@ -646,41 +675,6 @@ impl Session {
                     },
                 );
             }
-            Method::BasicPublish(m) => {
-                let Some(content) = content else {
-                    return Err(internal_error("basic.publish without content", &None));
-                };
-                if m.immediate {
-                    return Err(AmqpError::connection(
-                        ReplyCode::NotImplemented,
-                        "immediate=true",
-                    ));
-                }
-                self.check_publish(&vhost, &m.exchange, &content)?;
-                let transactional = self.with_channel(channel, |c| c.tx.is_some());
-                if transactional {
-                    self.with_channel(channel, |c| {
-                        if let Some(tx) = &mut c.tx {
-                            tx.push(TxOp::Publish {
-                                exchange: m.exchange.clone(),
-                                routing_key: m.routing_key.clone(),
-                                mandatory: m.mandatory,
-                                content: Box::new(content),
-                            });
-                        }
-                    });
-                } else {
-                    self.publish(
-                        channel,
-                        &vhost,
-                        &m.exchange,
-                        &m.routing_key,
-                        m.mandatory,
-                        content,
-                        None,
-                    );
-                }
-            }
             Method::BasicGet(m) => {
                 let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
                 let holder = self.shard.channel_key(self.connection, channel);
@@ -744,15 +738,6 @@ impl Session {
                     message.body(),
                 );
                 self.answer_queued();
-            }
-            Method::BasicAck(m) => {
-                self.settle_or_defer(channel, m.delivery_tag, m.multiple, None)?;
-            }
-            Method::BasicNack(m) => {
-                self.settle_or_defer(channel, m.delivery_tag, m.multiple, Some(m.requeue))?;
-            }
-            Method::BasicReject(m) => {
-                self.settle_or_defer(channel, m.delivery_tag, false, Some(m.requeue))?;
             }
             Method::BasicRecover(m) => {
                 self.recover(channel, m.requeue)?;
@@ -876,8 +861,11 @@ impl Session {
             vhost: vhost.clone(),
             name,
         };
-        let def = self.shard.queue_def(&key).ok_or_else(|| no_queue(&key))?;
-        if def.exclusive.is_some_and(|owner| owner != self.me()) {
+        let (exclusive, owner) = self
+            .shard
+            .with_queue_def(&key, |def| (def.exclusive, def.owner))
+            .ok_or_else(|| no_queue(&key))?;
+        if exclusive.is_some_and(|holder| holder != self.me()) {
             return Err(AmqpError::channel(
                 ReplyCode::ResourceLocked,
                 format_args!(
@@ -886,7 +874,50 @@ impl Session {
                 ),
             ));
         }
-        Ok((key, def.owner))
+        Ok((key, owner))
+    }
+
+    fn basic_publish(
+        self: &Rc<Self>,
+        channel: u16,
+        m: BasicPublish,
+        content: Option<Content>,
+    ) -> Result<(), AmqpError> {
+        let Some(content) = content else {
+            return Err(internal_error("basic.publish without content", &None));
+        };
+        if m.immediate {
+            return Err(AmqpError::connection(
+                ReplyCode::NotImplemented,
+                "immediate=true",
+            ));
+        }
+        let vhost = self.vhost();
+        self.check_publish(&vhost, &m.exchange, &content)?;
+        let transactional = self.with_channel(channel, |c| c.tx.is_some());
+        if transactional {
+            self.with_channel(channel, |c| {
+                if let Some(tx) = &mut c.tx {
+                    tx.push(TxOp::Publish {
+                        exchange: m.exchange,
+                        routing_key: m.routing_key,
+                        mandatory: m.mandatory,
+                        content: Box::new(content),
+                    });
+                }
+            });
+        } else {
+            self.publish(
+                channel,
+                &vhost,
+                &m.exchange,
+                &m.routing_key,
+                m.mandatory,
+                content,
+                None,
+            );
+        }
+        Ok(())
     }
 
     fn check_publish(
@@ -896,18 +927,19 @@ impl Session {
         content: &Content,
     ) -> Result<(), AmqpError> {
         if !exchange.is_empty() {
-            let def = self
+            // Whether it is internal, not a clone of its definition: this runs for every publish.
+            let internal = self
                 .shard
-                .with_routing(vhost, |r| r.exchange(exchange).cloned())
+                .with_routing(vhost, |r| r.exchange(exchange).map(|def| def.internal))
                 .flatten();
-            match def {
+            match internal {
                 None => {
                     return Err(AmqpError::channel(
                         ReplyCode::NotFound,
                         format_args!("no exchange '{exchange}' in vhost '{vhost}'"),
                     ))
                 }
-                Some(def) if def.internal => {
+                Some(true) => {
                     return Err(AmqpError::channel(
                         ReplyCode::AccessRefused,
                         format_args!(
@@ -915,7 +947,7 @@ impl Session {
                         ),
                     ))
                 }
-                Some(_) => {}
+                Some(false) => {}
             }
         }
         let user_id = content
@@ -1149,7 +1181,8 @@ impl Session {
             }
         }
         for (queue, owner, ids) in by_queue {
-            let durable = self.shard.queue_def(&queue).is_some_and(|q| q.durable);
+            // Whether it is durable, not a clone of its definition: this runs for every ack.
+            let durable = self.shard.with_queue_def(&queue, |q| q.durable) == Some(true);
             if !requeue && durable {
                 let mut owners = self.settled_owners.borrow_mut();
                 if !owners.contains(&owner) {

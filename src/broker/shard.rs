@@ -1486,11 +1486,11 @@ impl ShardBroker {
         }
     }
 
-    pub fn queue_def(&self, key: &QueueKey) -> Option<QueueDef> {
+    pub fn with_queue_def<T>(&self, key: &QueueKey, f: impl FnOnce(&QueueDef) -> T) -> Option<T> {
         self.routing
             .borrow()
             .get(&key.vhost)
-            .and_then(|routing| routing.queue(&key.name).cloned())
+            .and_then(|routing| routing.queue(&key.name).map(f))
     }
 
     /// The channel key of a local connection's channel.

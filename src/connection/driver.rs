@@ -89,7 +89,7 @@ impl ReadSize {
     }
 }
 
-/// Decides which clients stream: they send publishes and settlements (see `Session::execute`)
+/// Decides which clients stream: they send publishes and settlements (see `Session::is_streamed`)
 /// and nothing else, fast enough that one coalescing interval gathers at least
 /// `STREAMING_COMMANDS_MIN` of them on average. The rate is measured over periods of
 /// `PERIOD_INTERVALS` intervals, so one thin read does not end streaming and a short burst does
@@ -327,12 +327,13 @@ impl Connection {
                 let next = self.machine.borrow_mut().receive(&mut input);
                 match next {
                     None => break,
+                    Some(Input::Command(command)) if Session::is_streamed(&command.method) => {
+                        self.session.execute_streamed(command);
+                        streamed += 1;
+                    }
                     Some(Input::Command(command)) => {
-                        if self.session.execute(command).await {
-                            streamed += 1;
-                        } else {
-                            asked_something = true;
-                        }
+                        self.session.execute(command).await;
+                        asked_something = true;
                     }
                     Some(Input::ChannelClosed(channel)) => {
                         asked_something = true;
