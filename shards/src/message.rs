@@ -63,8 +63,8 @@ impl Message {
         persistent: bool,
     ) -> Message {
         let envelope_len = PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len();
-        let buffer = crate::buffer_pool::build(envelope_len + body.len(), |buffer| {
-            Self::put_envelope(buffer, exchange, routing_key, properties, persistent);
+        let buffer = crate::buffer_pool::build(envelope_len + body.len(), |mut buffer| {
+            Self::put_envelope(&mut buffer, exchange, routing_key, properties, persistent);
             buffer.put_slice(body);
         });
         Message {

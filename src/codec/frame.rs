@@ -232,7 +232,7 @@ fn decode_header_payload(channel: u16, payload: &Bytes) -> Result<Frame, FrameEr
     // Only basic has content. Another class is handed on with no properties: the connection
     // refuses it against the publish it should belong to (505, as RabbitMQ answers).
     let persistent = if class_id == BASIC_CLASS_ID {
-        BasicProperties::decode(&raw_properties)?.is_persistent()
+        BasicProperties::check(&raw_properties)?
     } else {
         false
     };

@@ -30,17 +30,7 @@ macro_rules! basic_properties {
             #[allow(unused_assignments)]
             pub fn decode(bytes: &Bytes) -> Result<BasicProperties, FrameError> {
                 let mut reader = Reader::new(bytes);
-                let flags = reader.short()?;
-                let mut extra = flags & ALLOWED_FLAGS_COMPLEMENT;
-                let mut continuation = flags & 1 == 1;
-                while continuation {
-                    let more = reader.short()?;
-                    extra |= more & !1;
-                    continuation = more & 1 == 1;
-                }
-                if extra != 0 {
-                    return Err(FrameError::Syntax { what: "property flags" });
-                }
+                let flags = read_flags(&mut reader)?;
                 let mut flag = 1u16 << 15;
                 let properties = BasicProperties {
                     $( $field: {
@@ -49,10 +39,30 @@ macro_rules! basic_properties {
                         if present { Some(reader.$ty()?) } else { None }
                     }, )*
                 };
-                if reader.remaining() != 0 {
-                    return Err(FrameError::PayloadSize { what: "content properties" });
-                }
+                end_of_properties(&reader)?;
                 Ok(properties)
+            }
+
+            /// Checks encoded properties as `decode` does, without keeping them (a publish
+            /// passes them on as they are): returns whether delivery-mode is 2.
+            #[allow(unused_assignments)]
+            pub fn check(bytes: &Bytes) -> Result<bool, FrameError> {
+                let mut reader = Reader::new(bytes);
+                let flags = read_flags(&mut reader)?;
+                let mut flag = 1u16 << 15;
+                let mut persistent = false;
+                $(
+                    if flags & flag != 0 {
+                        if flag == DELIVERY_MODE_FLAG {
+                            persistent = reader.octet()? == 2;
+                        } else {
+                            reader.$ty()?;
+                        }
+                    }
+                    flag >>= 1;
+                )*
+                end_of_properties(&reader)?;
+                Ok(persistent)
             }
 
             /// Appends the property-flags word and the present properties.
@@ -75,8 +85,37 @@ macro_rules! basic_properties {
 
 /// Flag bits 15..=2 name the 14 properties; bit 1 is unused and bit 0 is the continuation.
 const ALLOWED_FLAGS_COMPLEMENT: u16 = 0b10;
+
+/// Reads the property-flags words: the first one's, since only 14 properties exist.
+fn read_flags(reader: &mut Reader<'_>) -> Result<u16, FrameError> {
+    let flags = reader.short()?;
+    let mut extra = flags & ALLOWED_FLAGS_COMPLEMENT;
+    let mut continuation = flags & 1 == 1;
+    while continuation {
+        let more = reader.short()?;
+        extra |= more & !1;
+        continuation = more & 1 == 1;
+    }
+    if extra != 0 {
+        return Err(FrameError::Syntax {
+            what: "property flags",
+        });
+    }
+    Ok(flags)
+}
+
+fn end_of_properties(reader: &Reader<'_>) -> Result<(), FrameError> {
+    if reader.remaining() != 0 {
+        return Err(FrameError::PayloadSize {
+            what: "content properties",
+        });
+    }
+    Ok(())
+}
 /// The flag of the headers property (the third).
 pub const HEADERS_FLAG: u16 = 1 << 13;
+/// The flag of the delivery-mode property (the fourth).
+const DELIVERY_MODE_FLAG: u16 = 1 << 12;
 /// The flag of the user-id property (the twelfth).
 pub const USER_ID_FLAG: u16 = 1 << 4;
 
@@ -191,6 +230,11 @@ mod tests {
             let flags = u16::from_be_bytes([bytes[0], bytes[1]]);
             assert_eq!(flags, 1 << (15 - index), "property {index}");
             assert_eq!(BasicProperties::decode(&bytes).unwrap(), only);
+            assert_eq!(
+                BasicProperties::check(&bytes),
+                Ok(index == 3),
+                "property {index}"
+            );
         }
     }
 
@@ -211,5 +255,31 @@ mod tests {
         assert!(BasicProperties::decode(&bytes).is_err());
         let bytes = Bytes::from_static(&[0x80, 0x00, 10, b'a']);
         assert!(BasicProperties::decode(&bytes).is_err());
+    }
+
+    #[test]
+    fn check_reads_delivery_mode_among_all_properties() {
+        let mut properties = all_properties();
+        assert_eq!(BasicProperties::check(&properties.to_bytes()), Ok(true));
+        properties.delivery_mode = Some(1);
+        assert_eq!(BasicProperties::check(&properties.to_bytes()), Ok(false));
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn check_accepts_exactly_what_decode_accepts(
+            flags in proptest::prelude::any::<u16>(),
+            list in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..64)
+        ) {
+            // Mostly flags that name properties, so that the lists get read.
+            let flags = if flags % 8 == 0 { flags } else { flags & !0b11 };
+            let bytes = Bytes::from([&flags.to_be_bytes()[..], &list].concat());
+            let decoded = BasicProperties::decode(&bytes);
+            let checked = BasicProperties::check(&bytes);
+            proptest::prop_assert_eq!(checked.is_ok(), decoded.is_ok());
+            if let (Ok(persistent), Ok(properties)) = (checked, decoded) {
+                proptest::prop_assert_eq!(persistent, properties.is_persistent());
+            }
+        }
     }
 }
