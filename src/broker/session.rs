@@ -16,7 +16,7 @@
 //! the session) while a method waits for a reply.
 
 use std::cell::{Cell, RefCell};
-use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 use super::unacked::Unacked as UnackedDeliveries;
 use std::rc::Rc;
@@ -90,14 +90,72 @@ enum CreditMode {
     Shared,
 }
 
+/// Publisher confirms of one channel. Seqs are confirmed to the client in order, with one
+/// basic.ack (multiple) for every run of them that all owners have confirmed.
 #[derive(Debug, Default)]
 struct Confirms {
-    next_seq: u64,
-    /// seq -> owners that still have to confirm it.
-    pending: BTreeMap<u64, u32>,
+    /// Owners that still have to confirm each seq after `acked_up_to`, in seq order (a deque:
+    /// confirms arrive in order, so the front empties as the back grows, and nothing is
+    /// allocated per message).
+    pending: VecDeque<u32>,
     acked_up_to: u64,
     /// Nacked seqs above `acked_up_to`: a multiple ack must not cover them.
     nacked: std::collections::BTreeSet<u64>,
+}
+
+impl Confirms {
+    /// Gives the next publish its seq; `owners` must each confirm it (none: it is confirmed).
+    fn publish(&mut self, owners: u32) -> u64 {
+        self.pending.push_back(owners);
+        self.acked_up_to + self.pending.len() as u64
+    }
+
+    /// An owner has `seq` (`ok`), or failed to store it. Returns whether this changed anything
+    /// (false for a seq already answered).
+    fn confirm(&mut self, seq: u64, ok: bool) -> bool {
+        let Some(index) = seq.checked_sub(self.acked_up_to + 1) else {
+            return false;
+        };
+        let Some(remaining) = self.pending.get_mut(index as usize) else {
+            return false;
+        };
+        if ok {
+            *remaining = remaining.saturating_sub(1);
+            true
+        } else {
+            // One owner failed to store it: nacked, whatever the others say.
+            *remaining = 0;
+            self.nacked.insert(seq)
+        }
+    }
+
+    /// The acks for the seqs confirmed since the last call, in order: one multiple ack, or one
+    /// per seq when a nack falls among them.
+    fn take_acks(&mut self) -> SmallVec<[BasicAck; 1]> {
+        let confirmed = self.pending.iter().take_while(|r| **r == 0).count() as u64;
+        if confirmed == 0 {
+            return SmallVec::new();
+        }
+        let from = self.acked_up_to + 1;
+        let up_to = self.acked_up_to + confirmed;
+        self.pending.drain(..confirmed as usize);
+        self.acked_up_to = up_to;
+        if self.nacked.range(from..=up_to).next().is_none() {
+            return smallvec![BasicAck {
+                delivery_tag: up_to,
+                multiple: up_to > from,
+            }];
+        }
+        let acks = (from..=up_to)
+            .filter(|seq| !self.nacked.contains(seq))
+            .map(|seq| BasicAck {
+                delivery_tag: seq,
+                multiple: false,
+            })
+            .collect();
+        self.nacked = self.nacked.split_off(&(up_to + 1));
+        acks
+    }
 }
 
 /// Work a transactional channel defers to tx.commit.
@@ -174,6 +232,9 @@ pub struct Session {
     vhost: RefCell<Option<ShortStr>>,
     /// Reused by `publish` for the queues a message routes to.
     routed: RefCell<Vec<RoutedQueue>>,
+    /// Channels with confirms to send once the shard has handled its current batch of
+    /// messages (`ConnectionPort::send_confirms`).
+    confirms_due: RefCell<SmallVec<[u16; 2]>>,
 }
 
 /// How one settle method treats the deliveries it names.
@@ -208,6 +269,7 @@ impl Session {
             published: Cell::new(false),
             vhost: RefCell::new(None),
             routed: RefCell::new(Vec::new()),
+            confirms_due: RefCell::new(SmallVec::new()),
         })
     }
 
@@ -993,12 +1055,6 @@ impl Session {
         self.shard.with_routing(vhost, |r| {
             r.route(exchange, routing_key, headers.as_ref(), &mut routed)
         });
-        let seq = self.with_channel(channel, |c| {
-            c.confirm.as_mut().map(|confirms| {
-                confirms.next_seq += 1;
-                confirms.next_seq
-            })
-        });
         let persistent = content.header.persistent;
         let properties = &content.header.raw_properties;
         // A small body is a slice of a whole read buffer: queued for long, it would keep that
@@ -1038,13 +1094,12 @@ impl Session {
                 );
                 self.answer_queued();
             }
-            if let Some(seq) = seq {
-                self.with_channel(channel, |c| {
-                    if let Some(confirms) = &mut c.confirm {
-                        confirms.pending.insert(seq, 0);
-                    }
-                });
-                self.confirmed(channel, seq, true);
+            // Nothing to wait for: confirmed at once.
+            let confirming = self.with_channel(channel, |c| {
+                c.confirm.as_mut().map(|confirms| confirms.publish(0))
+            });
+            if confirming.is_some() {
+                self.send_acks(channel);
             }
             return;
         }
@@ -1052,18 +1107,15 @@ impl Session {
         if routed.len() > 1 {
             routed.sort_by_key(|queue| queue.owner.index());
         }
-        if let Some(seq) = seq {
+        let seq = self.with_channel(channel, |c| {
+            let confirms = c.confirm.as_mut()?;
             let owner_count = routed
                 .chunk_by(|a, b| a.owner == b.owner)
                 .count()
                 .try_into()
                 .unwrap_or(u32::MAX);
-            self.with_channel(channel, |c| {
-                if let Some(confirms) = &mut c.confirm {
-                    confirms.pending.insert(seq, owner_count);
-                }
-            });
-        }
+            Some(confirms.publish(owner_count))
+        });
         for group in routed.chunk_by(|a, b| a.owner == b.owner) {
             let owner = group[0].owner;
             if let Some(owners) = owners.as_deref_mut().filter(|o| !o.contains(&owner)) {
@@ -1393,44 +1445,12 @@ impl Session {
 
     fn send_acks(&self, channel: u16) {
         let acks = self.with_channel(channel, |c| {
-            let confirms = c.confirm.as_mut()?;
-            let lowest_pending = confirms
-                .pending
-                .iter()
-                .find(|(_, remaining)| **remaining > 0)
-                .map(|(seq, _)| *seq)
-                .unwrap_or(confirms.next_seq + 1);
-            let confirmed_up_to = lowest_pending - 1;
-            if confirmed_up_to <= confirms.acked_up_to {
-                return None;
-            }
-            let from = confirms.acked_up_to + 1;
-            confirms.acked_up_to = confirmed_up_to;
-            confirms.pending = confirms.pending.split_off(&lowest_pending);
-            let nacked = std::mem::take(&mut confirms.nacked);
-            confirms.nacked = nacked
-                .iter()
-                .copied()
-                .filter(|s| *s > confirmed_up_to)
-                .collect();
-            let acks: Vec<BasicAck> = if nacked.range(from..=confirmed_up_to).next().is_none() {
-                vec![BasicAck {
-                    delivery_tag: confirmed_up_to,
-                    multiple: confirmed_up_to > from,
-                }]
-            } else {
-                // A nack in the range: ack the others one by one.
-                (from..=confirmed_up_to)
-                    .filter(|seq| !nacked.contains(seq))
-                    .map(|seq| BasicAck {
-                        delivery_tag: seq,
-                        multiple: false,
-                    })
-                    .collect()
-            };
-            Some(acks)
+            c.confirm
+                .as_mut()
+                .map(Confirms::take_acks)
+                .unwrap_or_default()
         });
-        for ack in acks.into_iter().flatten() {
+        for ack in acks {
             self.send(channel, ack);
         }
     }
@@ -1526,26 +1546,14 @@ impl ConnectionPort for Session {
         }
     }
 
-    fn confirmed(&self, channel: u16, seq: u64, ok: bool) {
+    fn confirmed(&self, channel: u16, seq: u64, ok: bool) -> bool {
         let known = self.with_channel(channel, |c| {
-            let Some(confirms) = &mut c.confirm else {
-                return false;
-            };
-            match confirms.pending.get_mut(&seq) {
-                Some(remaining) if ok => {
-                    *remaining = remaining.saturating_sub(1);
-                    true
-                }
-                Some(remaining) => {
-                    // One owner failed to store it: nacked, whatever the others say.
-                    *remaining = 0;
-                    confirms.nacked.insert(seq)
-                }
-                None => false,
-            }
+            c.confirm
+                .as_mut()
+                .is_some_and(|confirms| confirms.confirm(seq, ok))
         });
         if !known || !self.machine.borrow().is_channel_open(channel) {
-            return;
+            return false;
         }
         if !ok {
             self.send(
@@ -1557,7 +1565,20 @@ impl ConnectionPort for Session {
                 },
             );
         }
-        self.send_acks(channel);
+        let mut due = self.confirms_due.borrow_mut();
+        if !due.contains(&channel) {
+            due.push(channel);
+        }
+        true
+    }
+
+    fn send_confirms(&self) {
+        let due = std::mem::take(&mut *self.confirms_due.borrow_mut());
+        for channel in due {
+            if self.machine.borrow().is_channel_open(channel) {
+                self.send_acks(channel);
+            }
+        }
     }
 
     fn credit_wanted(&self, consumer: u64, ready: u32) {
@@ -1679,5 +1700,55 @@ impl Session {
                 ),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn acks(confirms: &mut Confirms) -> Vec<(u64, bool)> {
+        confirms
+            .take_acks()
+            .into_iter()
+            .map(|ack| (ack.delivery_tag, ack.multiple))
+            .collect()
+    }
+
+    #[test]
+    fn confirms_leave_in_order_as_one_multiple_ack_per_run() {
+        let mut confirms = Confirms::default();
+        let seqs: Vec<u64> = (0..4).map(|_| confirms.publish(1)).collect();
+        assert_eq!(seqs, [1, 2, 3, 4]);
+        assert!(confirms.confirm(2, true));
+        assert!(acks(&mut confirms).is_empty(), "seq 1 is still pending");
+        assert!(confirms.confirm(1, true));
+        assert!(confirms.confirm(3, true));
+        assert_eq!(acks(&mut confirms), [(3, true)]);
+        assert!(!confirms.confirm(2, true), "already acked");
+        assert!(!confirms.confirm(9, true), "never published");
+        assert!(confirms.confirm(4, true));
+        assert_eq!(acks(&mut confirms), [(4, false)]);
+        assert_eq!(confirms.publish(0), 5, "routed nowhere: confirmed at once");
+        assert_eq!(acks(&mut confirms), [(5, false)]);
+    }
+
+    #[test]
+    fn a_seq_waits_for_every_owner_and_a_nack_is_not_covered_by_a_multiple_ack() {
+        let mut confirms = Confirms::default();
+        for owners in [2, 1, 1] {
+            confirms.publish(owners);
+        }
+        assert!(confirms.confirm(1, true));
+        assert!(confirms.confirm(2, false));
+        assert!(!confirms.confirm(2, false), "nacked once");
+        assert!(confirms.confirm(3, true));
+        assert!(acks(&mut confirms).is_empty(), "seq 1 has one owner to go");
+        assert!(confirms.confirm(1, true));
+        assert_eq!(acks(&mut confirms), [(1, false), (3, false)]);
+        assert!(confirms.nacked.is_empty());
+        confirms.publish(1);
+        assert!(confirms.confirm(4, true));
+        assert_eq!(acks(&mut confirms), [(4, false)]);
     }
 }

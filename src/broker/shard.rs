@@ -89,8 +89,12 @@ pub trait ConnectionPort {
     fn deliver(&self, delivery: IncomingDelivery) -> bool;
     /// The queue behind a consumer was deleted.
     fn consumer_cancelled(&self, consumer: u64);
-    /// The owner of a published message has it (`ok`), or failed to store it.
-    fn confirmed(&self, channel: u16, seq: u64, ok: bool);
+    /// The owner of a published message has it (`ok`), or failed to store it. Returns whether
+    /// acks may be due: the shard then calls `send_confirms` once it has handled the batch of
+    /// messages this came in, so that a batch's confirms leave as one basic.ack (multiple).
+    fn confirmed(&self, channel: u16, seq: u64, ok: bool) -> bool;
+    /// Sends the acks that `confirmed` made due.
+    fn send_confirms(&self);
     /// An on-demand consumer has run out of credit while `ready` messages wait.
     fn credit_wanted(&self, consumer: u64, ready: u32);
 }
@@ -138,6 +142,8 @@ pub struct ShardBroker {
     /// task takes it: handling local messages posts more, and a vector grown from nothing for
     /// each round reallocated (and copied) its way up every time.
     spare_local_batch: RefCell<Vec<ShardMessage>>,
+    /// Connections with publisher confirms to send at the end of the batch being handled.
+    confirms_due: RefCell<Vec<(u64, Rc<dyn ConnectionPort>)>>,
     flush_scheduled: Cell<bool>,
     /// Raised when a congested outbox drained (readers waiting on back-pressure resume).
     pub outbox_drained: Signal,
@@ -206,6 +212,7 @@ impl ShardBroker {
             next_token: Cell::new(1),
             outbox: RefCell::new((0..shard_count).map(|_| Vec::new()).collect()),
             spare_local_batch: RefCell::new(Vec::new()),
+            confirms_due: RefCell::new(Vec::new()),
             flush_scheduled: Cell::new(false),
             outbox_drained: Signal::default(),
             outbox_messages_max: config.runtime.mesh_channel_capacity * 64,
@@ -453,9 +460,7 @@ impl ShardBroker {
                 let to = ShardId(index);
                 if to == self.id {
                     let mut batch = batch;
-                    for message in batch.drain(..) {
-                        self.handle(self.id, message);
-                    }
+                    self.handle_batch(self.id, batch.drain(..));
                     // Keep the emptied vector for the next round (a burst's is not kept).
                     if batch.capacity() <= OUTBOX_FLUSH_MESSAGES * 2 {
                         *self.spare_local_batch.borrow_mut() = batch;
@@ -488,7 +493,23 @@ impl ShardBroker {
         self.outbox_drained.notify_all();
     }
 
-    /// The mailbox: handles one message from `from` (another shard, or this one).
+    /// The mailbox: handles a batch of messages from `from` (another shard, or this one), then
+    /// sends the publisher confirms they made due, one ack per channel.
+    pub fn handle_batch(
+        self: &Rc<Self>,
+        from: ShardId,
+        batch: impl IntoIterator<Item = ShardMessage>,
+    ) {
+        for message in batch {
+            self.handle(from, message);
+        }
+        let due = std::mem::take(&mut *self.confirms_due.borrow_mut());
+        for (_, port) in due {
+            port.send_confirms();
+        }
+    }
+
+    /// Handles one message from `from` (another shard, or this one).
     pub fn handle(self: &Rc<Self>, from: ShardId, message: ShardMessage) {
         match message {
             ShardMessage::Meta {
@@ -563,7 +584,15 @@ impl ShardBroker {
             ShardMessage::Confirmed { to, ok } => {
                 let port = self.connections.borrow().get(&to.connection).cloned();
                 if let Some(port) = port {
-                    port.confirmed(to.channel, to.seq, ok);
+                    if port.confirmed(to.channel, to.seq, ok) {
+                        let mut due = self.confirms_due.borrow_mut();
+                        if !due
+                            .iter()
+                            .any(|(connection, _)| *connection == to.connection)
+                        {
+                            due.push((to.connection, port));
+                        }
+                    }
                 }
             }
             ShardMessage::SyncBarrier { token } => {

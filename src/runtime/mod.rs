@@ -332,11 +332,7 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
     let mailbox = broker.clone();
     mesh.serve(
         receivers,
-        Rc::new(move |from, batch: Vec<ShardMessage>| {
-            for message in batch {
-                mailbox.handle(from, message);
-            }
-        }),
+        Rc::new(move |from, batch: Vec<ShardMessage>| mailbox.handle_batch(from, batch)),
     );
     if let Err(e) = broker.open_storage(&config.data_dir, &metadata).await {
         return report(Err(e));
