@@ -61,7 +61,7 @@ fn main() {
                 payload.clear();
                 let kind = WalEntry::Settle {
                     queue: queue.clone(),
-                    ids,
+                    ids: ids.into(),
                 }
                 .encode(&mut payload);
                 encode_record(&mut log, kind, &payload);

@@ -519,13 +519,13 @@ impl Queue {
 
     /// Settles delivered messages for good; returns how many were unacked. Those with a record
     /// in the log are added to `logged` as (id, persistent): their records must be settled.
-    pub fn ack(&mut self, ids: &[MessageId], logged: &mut Vec<(MessageId, bool)>) -> usize {
+    pub fn ack(&mut self, ids: &[MessageId], logged: &mut impl Extend<(MessageId, bool)>) -> usize {
         let mut settled = 0;
         for id in ids {
             if let Some(unacked) = self.release(*id) {
                 settled += 1;
                 if unacked.location.is_some() {
-                    logged.push((*id, unacked.message.is_persistent()));
+                    logged.extend([(*id, unacked.message.is_persistent())]);
                 }
             }
         }

@@ -49,6 +49,10 @@ pub struct LoggedQueue {
     pub name: Bytes,
 }
 
+/// The ids of a Settle or Delivered record: an ack names one or a few, and building the record
+/// should not allocate for them.
+pub type LoggedIds = smallvec::SmallVec<[MessageId; 4]>;
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum WalEntry {
     Enqueue {
@@ -58,11 +62,11 @@ pub enum WalEntry {
     },
     Settle {
         queue: LoggedQueue,
-        ids: Vec<MessageId>,
+        ids: LoggedIds,
     },
     Delivered {
         queue: LoggedQueue,
-        ids: Vec<MessageId>,
+        ids: LoggedIds,
     },
     DeleteQueue {
         queue: LoggedQueue,
@@ -94,7 +98,7 @@ fn read_queue(reader: &mut PayloadReader) -> Result<LoggedQueue, Malformed> {
     })
 }
 
-fn read_ids(reader: &mut PayloadReader) -> Result<Vec<MessageId>, Malformed> {
+fn read_ids(reader: &mut PayloadReader) -> Result<LoggedIds, Malformed> {
     let count = reader.u32()? as usize;
     if count > reader.remaining() / 8 {
         return Err(Malformed("id count"));
@@ -372,11 +376,11 @@ mod tests {
             },
             WalEntry::Settle {
                 queue: queue("a"),
-                ids: vec![7, 9],
+                ids: smallvec::smallvec![7, 9],
             },
             WalEntry::Delivered {
                 queue: queue("b"),
-                ids: vec![1],
+                ids: smallvec::smallvec![1],
             },
             WalEntry::DeleteQueue { queue: queue("b") },
             WalEntry::PagedOut {
@@ -414,11 +418,11 @@ mod tests {
             },
             WalEntry::Delivered {
                 queue: queue("a"),
-                ids: vec![1, 3],
+                ids: smallvec::smallvec![1, 3],
             },
             WalEntry::Settle {
                 queue: queue("a"),
-                ids: vec![3],
+                ids: smallvec::smallvec![3],
             },
             WalEntry::Enqueue {
                 queue: queue("gone"),
@@ -480,7 +484,7 @@ mod tests {
         let second = log(&[
             WalEntry::Settle {
                 queue: queue("a"),
-                ids: vec![1],
+                ids: smallvec::smallvec![1],
             },
             WalEntry::Enqueue {
                 queue: queue("a"),
@@ -490,7 +494,7 @@ mod tests {
         ]);
         let third = log(&[WalEntry::Settle {
             queue: queue("a"),
-            ids: vec![3],
+            ids: smallvec::smallvec![3],
         }]);
         let empty = Bytes::new();
         let ids = |segments: &[&Bytes]| -> Vec<u64> {
@@ -547,7 +551,7 @@ mod tests {
         let entries = vec![
             WalEntry::Settle {
                 queue: queue("a"),
-                ids: vec![41],
+                ids: smallvec::smallvec![41],
             },
             WalEntry::Enqueue {
                 queue: queue("b"),
@@ -556,7 +560,7 @@ mod tests {
             },
             WalEntry::Settle {
                 queue: queue("b"),
-                ids: vec![1],
+                ids: smallvec::smallvec![1],
             },
             WalEntry::DeleteQueue { queue: queue("b") },
             WalEntry::Enqueue {

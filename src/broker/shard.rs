@@ -28,7 +28,7 @@ use std::path::Path;
 use log::{error, info};
 use roaring::RoaringTreemap;
 use shards::record::{self, RECORD_HEADER_BYTES};
-use shards::wal::{LoggedQueue, Recovery, WalEntry};
+use shards::wal::{LoggedIds, LoggedQueue, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
 use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
@@ -36,7 +36,7 @@ use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
 use super::storage::{
-    after_synced, Appended, CompactionHost, LiveMessage, RetainedSegment, SegmentedWal,
+    after_synced, Appended, CompactionHost, LiveMessage, RetainedSegment, SegmentedWal, Writers,
 };
 use crate::codec::{ReplyCode, ShortStr};
 use crate::config::{Config, QueuePlacement};
@@ -538,7 +538,7 @@ impl ShardBroker {
                 confirm,
             } => {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
-                let mut logged: Vec<Rc<LogWriter>> = Vec::new();
+                let mut logged = Writers::new();
                 for name in queues {
                     let key = QueueKey {
                         vhost: vhost.clone(),
@@ -682,7 +682,8 @@ impl ShardBroker {
                 ids,
                 requeue,
             } => {
-                let mut logged = Vec::new();
+                let mut logged: smallvec::SmallVec<[(MessageId, bool); 4]> =
+                    smallvec::SmallVec::new();
                 let durable = match self.queues.borrow_mut().get_mut(&queue) {
                     Some(owned) => {
                         if requeue {
@@ -694,7 +695,7 @@ impl ShardBroker {
                     }
                     None => false,
                 };
-                self.settle_logged(&queue, durable, logged);
+                self.settle_logged(&queue, durable, &logged);
                 if requeue {
                     self.dispatch(&queue);
                 }
@@ -742,11 +743,11 @@ impl ShardBroker {
                 let result = result.map(|(got, logged, durable)| {
                     if let Some((id, persistent)) = logged {
                         if no_ack {
-                            self.settle_logged(&queue, durable, vec![(id, persistent)]);
+                            self.settle_logged(&queue, durable, &[(id, persistent)]);
                         } else if durable && persistent {
                             self.log(WalEntry::Delivered {
                                 queue: logged_queue(&queue),
-                                ids: vec![id],
+                                ids: smallvec::smallvec![id],
                             });
                         }
                     }
@@ -770,7 +771,7 @@ impl ShardBroker {
                         Ok(owned.queue.purge(&mut logged))
                     }
                 };
-                self.settle_logged(&queue, durable, logged);
+                self.settle_logged(&queue, durable, &logged);
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -896,7 +897,7 @@ impl ShardBroker {
             .filter(|d| d.no_ack && d.logged)
             .map(|d| (d.id, d.message.is_persistent()))
             .collect();
-        self.settle_logged(key, durable, gone);
+        self.settle_logged(key, durable, &gone);
         if page_in {
             self.start_page_in(key);
         }
@@ -1222,36 +1223,31 @@ impl ShardBroker {
             }
         }
         let durable = self.queues.borrow().get(key).is_some_and(|o| o.durable);
-        self.settle_logged(key, durable, lost);
+        self.settle_logged(key, durable, &lost);
     }
 
     /// Messages that left a queue for good, with records in the log: (id, persistent). On a
     /// durable queue the persistent ones get a Settle record; the others only had PagedOut
     /// copies, which replay ignores, so they are just forgotten.
-    fn settle_logged(
-        self: &Rc<Self>,
-        key: &QueueKey,
-        durable: bool,
-        logged: Vec<(MessageId, bool)>,
-    ) {
-        if logged.is_empty() {
-            return;
-        }
-        let (settled, copies): (Vec<_>, Vec<_>) = logged
-            .into_iter()
-            .partition(|(_, persistent)| durable && *persistent);
-        if !settled.is_empty() {
+    fn settle_logged(self: &Rc<Self>, key: &QueueKey, durable: bool, logged: &[(MessageId, bool)]) {
+        let settled = |wanted: bool| -> LoggedIds {
+            logged
+                .iter()
+                .filter(|(_, persistent)| (durable && *persistent) == wanted)
+                .map(|(id, _)| *id)
+                .collect()
+        };
+        let records = settled(true);
+        if !records.is_empty() {
             self.log(WalEntry::Settle {
                 queue: logged_queue(key),
-                ids: settled.into_iter().map(|(id, _)| id).collect(),
+                ids: records,
             });
         }
+        let copies = settled(false);
         if !copies.is_empty() {
             if let Some(wal) = self.wal.borrow().as_ref() {
-                wal.forget_settled(
-                    &logged_queue(key),
-                    copies.into_iter().map(|(id, _)| id).collect(),
-                );
+                wal.forget_settled(&logged_queue(key), copies);
             }
             self.schedule_reclaim();
         }
@@ -1260,7 +1256,7 @@ impl ShardBroker {
     /// Runs `then` once the records in `logged` are durable (at once if there are none).
     fn after_logged(
         self: &Rc<Self>,
-        logged: Vec<Rc<LogWriter>>,
+        logged: Writers,
         then: impl FnOnce(&Rc<Self>, bool) + 'static,
     ) {
         let shard = self.clone();
@@ -1490,7 +1486,7 @@ impl ShardBroker {
                 for chunk in ids.chunks(MARKS_PER_RECORD) {
                     wal.append(&WalEntry::Delivered {
                         queue: logged_queue(key),
-                        ids: chunk.to_vec(),
+                        ids: chunk.into(),
                     });
                 }
             }

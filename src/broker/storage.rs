@@ -37,7 +37,7 @@ use glommio::io::DmaFile;
 use log::{debug, warn};
 use roaring::RoaringTreemap;
 use shards::record;
-use shards::wal::{LoggedQueue, WalEntry};
+use shards::wal::{LoggedIds, LoggedQueue, WalEntry};
 use shards::{Location, Message, MessageId};
 
 use crate::runtime::log_file::LogWriter;
@@ -140,9 +140,12 @@ pub struct SegmentedWal {
     closing: Cell<bool>,
 }
 
+/// The log writers a record went to: one in the common case, so kept inline.
+pub type Writers = smallvec::SmallVec<[Rc<LogWriter>; 1]>;
+
 /// Runs `callback(ok)` once everything appended so far to each of `writers` is durable (`ok`:
 /// all of them succeeded).
-pub fn after_synced(mut writers: Vec<Rc<LogWriter>>, callback: impl FnOnce(bool) + 'static) {
+pub fn after_synced(mut writers: Writers, callback: impl FnOnce(bool) + 'static) {
     if writers.len() <= 1 {
         // The common case (one active segment) needs no shared countdown.
         match writers.pop() {
@@ -249,7 +252,7 @@ impl SegmentedWal {
 
     /// Runs `callback(ok)` once everything appended so far, in every segment, is durable.
     pub fn after_all_synced(&self, callback: impl FnOnce(bool) + 'static) {
-        let writers: Vec<Rc<LogWriter>> = self
+        let writers: Writers = self
             .segments
             .borrow()
             .iter()
@@ -386,7 +389,7 @@ impl SegmentedWal {
 
     /// Messages with PagedOut records left their queue: their records are dead now (no record
     /// is written; replay ignores PagedOut records anyway).
-    pub fn forget_settled(&self, queue: &LoggedQueue, ids: Vec<MessageId>) {
+    pub fn forget_settled(&self, queue: &LoggedQueue, ids: LoggedIds) {
         self.account(&WalEntry::Settle {
             queue: queue.clone(),
             ids,
@@ -573,7 +576,7 @@ impl SegmentedWal {
             if delivered && durable {
                 self.append(&WalEntry::Delivered {
                     queue: queue.clone(),
-                    ids: vec![id],
+                    ids: smallvec::smallvec![id],
                 });
             }
             moved.push((queue, id, appended.location));
