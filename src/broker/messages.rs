@@ -189,6 +189,8 @@ pub enum ShardMessage {
     Deliver {
         consumer: ConsumerKey,
         queue: QueueKey,
+        /// The queue is durable: acking the delivery writes to the owner's log.
+        durable: bool,
         owner: ShardId,
         id: MessageId,
         message: Message,

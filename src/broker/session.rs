@@ -52,6 +52,8 @@ const BODY_COPY_BYTES_MAX: usize = 8 * 1024;
 #[derive(Debug, Clone)]
 struct Unacked {
     queue: QueueKey,
+    /// Settling it writes to the owner's log (see `settlement_barrier`).
+    durable: bool,
     owner: ShardId,
     id: MessageId,
     /// The consumer it went to; `None` for basic.get.
@@ -776,6 +778,8 @@ impl Session {
                         c.unacked.insert(
                             tag,
                             Unacked {
+                                durable: self.shard.with_queue_def(&queue, |q| q.durable)
+                                    == Some(true),
                                 queue,
                                 owner,
                                 id: got.id,
@@ -1218,7 +1222,7 @@ impl Session {
         let requeue = settlement == Settlement::Requeue;
         // Few queues and consumers per channel: short inline lists beat hash maps (and an ack of
         // one delivery allocates nothing).
-        let mut by_queue: SmallVec<[(QueueKey, ShardId, SettledIds); 1]> = SmallVec::new();
+        let mut by_queue: SmallVec<[(QueueKey, bool, ShardId, SettledIds); 1]> = SmallVec::new();
         let mut credit: SmallVec<[(u64, u32); 2]> = SmallVec::new();
         for unacked in deliveries {
             if let Some(consumer) = unacked.consumer {
@@ -1227,14 +1231,17 @@ impl Session {
                     None => credit.push((consumer, 1)),
                 }
             }
-            match by_queue.iter_mut().find(|(q, _, _)| *q == unacked.queue) {
-                Some((_, _, ids)) => ids.push(unacked.id),
-                None => by_queue.push((unacked.queue, unacked.owner, smallvec![unacked.id])),
+            match by_queue.iter_mut().find(|(q, ..)| *q == unacked.queue) {
+                Some((.., ids)) => ids.push(unacked.id),
+                None => by_queue.push((
+                    unacked.queue,
+                    unacked.durable,
+                    unacked.owner,
+                    smallvec![unacked.id],
+                )),
             }
         }
-        for (queue, owner, ids) in by_queue {
-            // Whether it is durable, not a clone of its definition: this runs for every ack.
-            let durable = self.shard.with_queue_def(&queue, |q| q.durable) == Some(true);
+        for (queue, durable, owner, ids) in by_queue {
             if !requeue && durable {
                 let mut owners = self.settled_owners.borrow_mut();
                 if !owners.contains(&owner) {
@@ -1619,6 +1626,7 @@ impl Session {
                     tag,
                     Unacked {
                         queue: delivery.queue.clone(),
+                        durable: delivery.durable,
                         owner: delivery.owner,
                         id: delivery.id,
                         consumer: Some(delivery.consumer),

@@ -104,6 +104,7 @@ pub trait ConnectionPort {
 pub struct IncomingDelivery {
     pub consumer: u64,
     pub queue: QueueKey,
+    pub durable: bool,
     pub owner: ShardId,
     pub id: shards::MessageId,
     pub message: shards::Message,
@@ -828,6 +829,7 @@ impl ShardBroker {
             ShardMessage::Deliver {
                 consumer,
                 queue,
+                durable,
                 owner,
                 id,
                 message,
@@ -839,6 +841,7 @@ impl ShardBroker {
                     port.deliver(IncomingDelivery {
                         consumer: consumer.consumer,
                         queue: queue.clone(),
+                        durable,
                         owner,
                         id,
                         message,
@@ -913,6 +916,7 @@ impl ShardBroker {
                 ShardMessage::Deliver {
                     consumer: delivery.consumer,
                     queue: key.clone(),
+                    durable,
                     owner: self.id,
                     id: delivery.id,
                     message: delivery.message,
