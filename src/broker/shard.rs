@@ -6,7 +6,9 @@
 //! - messages to one destination keep their order (one outbox, one FIFO mesh channel);
 //! - everything produced while handling one read or one incoming batch leaves as one mesh send;
 //! - a message to this same shard is handled by the flush task, never re-entrantly inside the
-//!   code that posted it (a connection may be mid-borrow when it publishes to its own queue).
+//!   code that posted it (a connection may be mid-borrow when it publishes to its own queue);
+//! - publisher confirms that arrive in one batch leave as one basic.ack per channel, sent once
+//!   the batch is handled ([`ShardBroker::handle_batch`]).
 //!
 //! Memory: the pager keeps ready messages near `queues.memory_budget_bytes`; past twice that
 //! (ready and unacked messages) the shard raises its memory alarm (`check_flow`), and every
