@@ -450,6 +450,17 @@ async fn publisher_confirms_ack_every_publish() {
         .wait_for("201 confirms", |r| r.confirmed_up_to() == 201)
         .await;
     assert!(recorder.nacks.lock().unwrap().is_empty());
+    // Confirms come in order, each seq once: a multiple ack covers everything since the last.
+    let acks = recorder.acks.lock().unwrap().clone();
+    let mut last = 0;
+    for (tag, multiple) in acks {
+        assert!(tag > last, "ack {tag} after {last}");
+        assert!(
+            multiple || tag == last + 1,
+            "single ack {tag} skips seqs after {last}"
+        );
+        last = tag;
+    }
 }
 
 #[tokio::test]
