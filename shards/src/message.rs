@@ -52,9 +52,9 @@ impl Message {
         }
     }
 
-    /// Like `new`, but copies `body` into the envelope's buffer: a small message then costs one
-    /// buffer (recycled, see `buffer_pool`) and one shared header, where a separate body costs
-    /// two of each.
+    /// Like `new`, but copies `body` into the envelope's buffer: one buffer for the message, where
+    /// a separate body costs two, each with its shared header. Up to 1 KiB the buffer lives in
+    /// its owner (one allocation); 1–10 KiB ones are recycled (see `buffer_pool`).
     pub fn with_copied_body(
         exchange: &[u8],
         routing_key: &[u8],
