@@ -27,7 +27,9 @@ pub const INLINE_MAX: usize = 1024;
 const STEP: usize = 128;
 pub const POOLED_MIN: usize = INLINE_MAX + 1;
 pub const POOLED_MAX: usize = 10 * 1024;
-const KEPT_BYTES_MAX: usize = 4 << 20;
+/// Holds the buffers of a page-out burst (thousands of messages, ~9 MiB of 1 KiB ones) for the
+/// publishes that follow; more goes back to the allocator.
+const KEPT_BYTES_MAX: usize = 16 << 20;
 const FIRST_CLASS: usize = POOLED_MIN.div_ceil(STEP);
 const CLASSES: usize = POOLED_MAX / STEP - FIRST_CLASS + 1;
 

@@ -358,7 +358,13 @@ impl SegmentedWal {
         match entry {
             WalEntry::Enqueue { queue, id, .. } | WalEntry::PagedOut { queue, id, .. } => {
                 if let Some(active) = segments.back_mut() {
-                    if active.live.entry(queue.clone()).or_default().insert(*id) {
+                    // Looked up first: cloning the name for `entry` costs two refcount updates
+                    // per record, and the queue is almost always there already.
+                    let live = match active.live.get_mut(queue) {
+                        Some(live) => live,
+                        None => active.live.entry(queue.clone()).or_default(),
+                    };
+                    if live.insert(*id) {
                         active.live_count += 1;
                         active.enqueued_count += 1;
                     }
