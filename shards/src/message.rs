@@ -45,7 +45,10 @@ impl Message {
         body: Bytes,
         persistent: bool,
     ) -> Message {
-        let envelope = Self::build_envelope(exchange, routing_key, properties, persistent);
+        // Exactly the envelope's size: a message with a separate body may sit queued for long.
+        let mut envelope =
+            BytesMut::with_capacity(Self::envelope_len(exchange, routing_key, properties));
+        Self::put_envelope(&mut envelope, exchange, routing_key, properties, persistent);
         Message {
             envelope: envelope.freeze(),
             body,
@@ -62,7 +65,7 @@ impl Message {
         body: &[u8],
         persistent: bool,
     ) -> Message {
-        let envelope_len = PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len();
+        let envelope_len = Self::envelope_len(exchange, routing_key, properties);
         let buffer = crate::buffer_pool::build(envelope_len + body.len(), |mut buffer| {
             Self::put_envelope(&mut buffer, exchange, routing_key, properties, persistent);
             buffer.put_slice(body);
@@ -73,17 +76,8 @@ impl Message {
         }
     }
 
-    fn build_envelope(
-        exchange: &[u8],
-        routing_key: &[u8],
-        properties: &[u8],
-        persistent: bool,
-    ) -> BytesMut {
-        let mut envelope = BytesMut::with_capacity(
-            PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len(),
-        );
-        Self::put_envelope(&mut envelope, exchange, routing_key, properties, persistent);
-        envelope
+    fn envelope_len(exchange: &[u8], routing_key: &[u8], properties: &[u8]) -> usize {
+        PREFIX_BYTES + exchange.len() + routing_key.len() + properties.len()
     }
 
     fn put_envelope(
