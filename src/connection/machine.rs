@@ -620,7 +620,7 @@ impl ConnectionMachine {
                 Frame::Method {
                     channel: 0,
                     method: Method::ConnectionStartOk(start_ok),
-                } => self.handle_start_ok(start_ok).map(|()| None),
+                } => self.handle_start_ok(*start_ok).map(|()| None),
                 other => Err(unexpected_in_handshake(&other, "connection.start-ok")),
             },
             Phase::AwaitingTuneOk => match frame {
