@@ -657,12 +657,10 @@ mod tests {
     /// `methods.rs`). basic.publish sets the size.
     #[test]
     fn frames_stay_small_enough_to_move_in_registers() {
-        assert_eq!(std::mem::size_of::<Method>(), size_of_publish_variant());
+        // At most basic.publish plus the enum's tag, rounded to the struct's alignment.
+        let publish_variant =
+            std::mem::size_of::<BasicPublish>() + std::mem::align_of::<BasicPublish>();
+        assert!(std::mem::size_of::<Method>() <= publish_variant);
         assert!(std::mem::size_of::<Frame>() <= 128);
-    }
-
-    fn size_of_publish_variant() -> usize {
-        // The struct plus the enum's tag, rounded to the struct's alignment.
-        std::mem::size_of::<BasicPublish>() + std::mem::align_of::<BasicPublish>()
     }
 }
