@@ -537,10 +537,7 @@ impl Coordinator {
         if_unused: bool,
         if_empty: bool,
     ) -> Result<u32, AmqpError> {
-        let queue = QueueKey {
-            vhost: vhost.clone(),
-            name: def.name.clone(),
-        };
+        let queue = QueueKey::new(vhost.clone(), def.name.clone());
         let reply = shard
             .request(def.owner, |token| ShardMessage::DeleteQueueData {
                 token,

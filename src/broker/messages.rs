@@ -10,6 +10,8 @@
 //! Requests carry a `token`; the answer is a [`ShardMessage::Reply`] with the same token, sent to
 //! the asking shard. Everything here is plain `Send` data.
 
+use std::sync::Arc;
+
 use shards::queue::{ChannelKey, Consumer, ConsumerKey, Got, MessageId};
 use shards::{Message, ShardId};
 use smallvec::SmallVec;
@@ -21,11 +23,126 @@ use crate::connection::error::AmqpError;
 /// Ids a settlement names; inline for the usual few (an ack of one allocates nothing).
 pub type SettledIds = SmallVec<[MessageId; 4]>;
 
-/// A queue, named within its vhost.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct QueueKey {
+/// A queue, named within its vhost: a shared handle to a [`QueueName`].
+///
+/// Every delivery, unacked entry and settlement names its queue, so the handle is what moves:
+/// 8 bytes, cloned with one reference count, hashed from the name's precomputed hash, and equal
+/// at once when both sides hold the same handle (a settlement carries back the handle its
+/// delivery came with, the owner's own). Derefs to the name.
+#[derive(Clone)]
+pub struct QueueKey(Arc<QueueName>);
+
+/// A queue's vhost and name, with their hash computed once.
+#[derive(Clone)]
+pub struct QueueName {
     pub vhost: ShortStr,
     pub name: ShortStr,
+    hash: u64,
+}
+
+/// One hasher for every shard and thread: a handle made on one shard hashes alike on another.
+fn name_hash(vhost: &ShortStr, name: &ShortStr) -> u64 {
+    static STATE: std::sync::LazyLock<ahash::RandomState> =
+        std::sync::LazyLock::new(ahash::RandomState::new);
+    STATE.hash_one((vhost, name))
+}
+
+impl QueueName {
+    pub fn new(vhost: ShortStr, name: ShortStr) -> QueueName {
+        let hash = name_hash(&vhost, &name);
+        QueueName { vhost, name, hash }
+    }
+}
+
+impl QueueKey {
+    pub fn new(vhost: ShortStr, name: ShortStr) -> QueueKey {
+        QueueKey(Arc::new(QueueName::new(vhost, name)))
+    }
+}
+
+impl From<QueueName> for QueueKey {
+    fn from(name: QueueName) -> QueueKey {
+        QueueKey(Arc::new(name))
+    }
+}
+
+impl std::ops::Deref for QueueKey {
+    type Target = QueueName;
+    fn deref(&self) -> &QueueName {
+        &self.0
+    }
+}
+
+/// Lets maps keyed by handles be searched by a name built on the stack (a publish names its
+/// queues): both hash the same precomputed value.
+impl std::borrow::Borrow<QueueName> for QueueKey {
+    fn borrow(&self) -> &QueueName {
+        &self.0
+    }
+}
+
+impl PartialEq for QueueName {
+    fn eq(&self, other: &QueueName) -> bool {
+        self.hash == other.hash && self.name == other.name && self.vhost == other.vhost
+    }
+}
+
+impl Eq for QueueName {}
+
+impl std::hash::Hash for QueueName {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.hash);
+    }
+}
+
+impl PartialOrd for QueueName {
+    fn partial_cmp(&self, other: &QueueName) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for QueueName {
+    fn cmp(&self, other: &QueueName) -> std::cmp::Ordering {
+        (&self.vhost, &self.name).cmp(&(&other.vhost, &other.name))
+    }
+}
+
+impl std::fmt::Debug for QueueName {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}/{:?}", self.vhost, self.name)
+    }
+}
+
+impl PartialEq for QueueKey {
+    fn eq(&self, other: &QueueKey) -> bool {
+        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+    }
+}
+
+impl Eq for QueueKey {}
+
+impl std::hash::Hash for QueueKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.0.hash(state);
+    }
+}
+
+impl PartialOrd for QueueKey {
+    fn partial_cmp(&self, other: &QueueKey) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for QueueKey {
+    fn cmp(&self, other: &QueueKey) -> std::cmp::Ordering {
+        self.0.cmp(&other.0)
+    }
+}
+
+impl std::fmt::Debug for QueueKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        self.0.fmt(f)
+    }
 }
 
 /// A metadata change a connection asks the coordinator for.
@@ -227,5 +344,38 @@ impl ShardMessage {
             }
             _ => 0,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn short(s: &str) -> ShortStr {
+        ShortStr::try_from(s).unwrap()
+    }
+
+    #[test]
+    fn handles_made_apart_from_the_same_names_are_one_key_and_a_name_finds_them() {
+        let mut map = HashMap::new();
+        map.insert(QueueKey::new(short("/"), short("orders")), 1);
+        map.insert(QueueKey::new(short("other"), short("orders")), 2);
+        let again = QueueKey::new(short("/"), short("orders"));
+        assert_eq!(map.get(&again), Some(&1));
+        assert_eq!(
+            map.get(&QueueName::new(short("other"), short("orders"))),
+            Some(&2)
+        );
+        assert_eq!(map.get(&QueueName::new(short("/"), short("order"))), None);
+        assert_ne!(again, QueueKey::new(short("/"), short("Orders")));
+        assert_eq!(again.clone(), again);
+        assert!(QueueKey::new(short("/"), short("a")) < QueueKey::new(short("/"), short("b")));
+        assert_eq!(
+            (again.vhost.as_bytes(), again.name.as_bytes()),
+            (&b"/"[..], &b"orders"[..])
+        );
+        assert_eq!(std::mem::size_of::<QueueKey>(), 8);
     }
 }

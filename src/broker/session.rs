@@ -891,10 +891,7 @@ impl Session {
     }
 
     async fn queue_stats(&self, owner: ShardId, vhost: &ShortStr, name: &ShortStr) -> (u32, u32) {
-        let queue = QueueKey {
-            vhost: vhost.clone(),
-            name: name.clone(),
-        };
+        let queue = QueueKey::new(vhost.clone(), name.clone());
         match self
             .shard
             .request(owner, |token| ShardMessage::Stats { token, queue })
@@ -923,10 +920,7 @@ impl Session {
         name: &ShortStr,
     ) -> Result<(QueueKey, ShardId), AmqpError> {
         let name = self.queue_name(channel, name)?;
-        let key = QueueKey {
-            vhost: vhost.clone(),
-            name,
-        };
+        let key = QueueKey::new(vhost.clone(), name);
         let (exclusive, owner) = self
             .shard
             .with_queue_def(&key, |def| (def.exclusive, def.owner))

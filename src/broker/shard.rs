@@ -33,7 +33,7 @@ use shards::record::{self, RECORD_HEADER_BYTES};
 use shards::wal::{LoggedIds, LoggedQueue, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
-use super::messages::{MetaRequest, QueueKey, Reply, ShardMessage};
+use super::messages::{MetaRequest, QueueKey, QueueName, Reply, ShardMessage};
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
@@ -114,6 +114,9 @@ pub struct IncomingDelivery {
 }
 
 struct OwnedQueue {
+    /// The handle the queue map is keyed by: deliveries carry clones of it, so that their
+    /// settlements find the queue by pointer.
+    key: QueueKey,
     queue: Queue,
     /// Persistent messages on a durable queue are logged.
     durable: bool,
@@ -543,20 +546,17 @@ impl ShardBroker {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
                 let mut logged = Writers::new();
                 for name in queues {
-                    let key = QueueKey {
-                        vhost: vhost.clone(),
-                        name,
-                    };
-                    {
+                    let name = QueueName::new(vhost.clone(), name);
+                    let key = {
                         // One lookup: logging the record touches no queue.
                         let mut queues = self.queues.borrow_mut();
-                        let Some(owned) = queues.get_mut(&key) else {
+                        let Some(owned) = queues.get_mut(&name) else {
                             continue;
                         };
                         let mut location = None;
                         if owned.durable && message.is_persistent() {
                             let appended = self.log(WalEntry::Enqueue {
-                                queue: logged_queue(&key),
+                                queue: logged_queue(&owned.key),
                                 id: owned.queue.next_id(),
                                 message: message.clone(),
                             });
@@ -572,7 +572,8 @@ impl ShardBroker {
                             }
                         }
                         owned.queue.publish(message.clone(), location);
-                    }
+                        owned.key.clone()
+                    };
                     self.dispatch(&key);
                 }
                 self.maybe_page_out();
@@ -1011,14 +1012,12 @@ impl ShardBroker {
         }
         match op {
             MetaOp::DeclareQueue(def) if def.owner == self.id => {
-                let key = QueueKey {
-                    vhost: vhost.clone(),
-                    name: def.name.clone(),
-                };
+                let key = QueueKey::new(vhost.clone(), def.name.clone());
                 self.queues
                     .borrow_mut()
-                    .entry(key)
+                    .entry(key.clone())
                     .or_insert_with(|| OwnedQueue {
+                        key,
                         queue: Queue::with_meter(self.meter.clone()),
                         durable: def.durable,
                         auto_delete: def.auto_delete,
@@ -1026,10 +1025,7 @@ impl ShardBroker {
                     });
             }
             MetaOp::DeleteQueue { name } => {
-                let key = QueueKey {
-                    vhost: vhost.clone(),
-                    name: name.clone(),
-                };
+                let key = QueueKey::new(vhost.clone(), name.clone());
                 // Normally gone already (DeleteQueueData); an exclusive queue's owner may learn
                 // of the delete only here.
                 if self.queues.borrow().contains_key(&key) {
@@ -1236,6 +1232,10 @@ impl ShardBroker {
     /// durable queue the persistent ones get a Settle record; the others only had PagedOut
     /// copies, which replay ignores, so they are just forgotten.
     fn settle_logged(self: &Rc<Self>, key: &QueueKey, durable: bool, logged: &[(MessageId, bool)]) {
+        // The usual case (transient messages kept in memory): nothing was logged.
+        if logged.is_empty() {
+            return;
+        }
         let settled = |wanted: bool| -> LoggedIds {
             logged
                 .iter()
@@ -1391,10 +1391,10 @@ impl ShardBroker {
         let mut orphaned = 0usize;
         let mut orphans = Vec::new();
         for (logged, recovered) in recovery.finish() {
-            let key = QueueKey {
-                vhost: ShortStr::from_bytes(logged.vhost.clone()).unwrap_or_default(),
-                name: ShortStr::from_bytes(logged.name.clone()).unwrap_or_default(),
-            };
+            let key = QueueKey::new(
+                ShortStr::from_bytes(logged.vhost.clone()).unwrap_or_default(),
+                ShortStr::from_bytes(logged.name.clone()).unwrap_or_default(),
+            );
             let mut queues = self.queues.borrow_mut();
             let Some(owned) = queues.get_mut(&key).filter(|owned| owned.durable) else {
                 if !recovered.messages.is_empty() || recovered.next_id > 0 {
@@ -1576,13 +1576,13 @@ impl CompactionHost for ShardBroker {
 }
 
 fn queue_key(queue: &LoggedQueue) -> Option<QueueKey> {
-    Some(QueueKey {
-        vhost: ShortStr::from_bytes(queue.vhost.clone()).ok()?,
-        name: ShortStr::from_bytes(queue.name.clone()).ok()?,
-    })
+    Some(QueueKey::new(
+        ShortStr::from_bytes(queue.vhost.clone()).ok()?,
+        ShortStr::from_bytes(queue.name.clone()).ok()?,
+    ))
 }
 
-fn logged_queue(key: &QueueKey) -> LoggedQueue {
+fn logged_queue(key: &QueueName) -> LoggedQueue {
     LoggedQueue {
         vhost: key.vhost.clone().into_bytes(),
         name: key.name.clone().into_bytes(),
@@ -1598,7 +1598,7 @@ async fn sync_log(log: &Rc<LogWriter>) -> Result<(), String> {
     }
 }
 
-pub fn no_queue(queue: &QueueKey) -> AmqpError {
+pub fn no_queue(queue: &QueueName) -> AmqpError {
     AmqpError::channel(
         ReplyCode::NotFound,
         format_args!("no queue '{}' in vhost '{}'", queue.name, queue.vhost),
