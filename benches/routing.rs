@@ -16,7 +16,7 @@ fn s(text: &str) -> ShortStr {
 }
 
 fn setup(exchange: &str, key_of: impl Fn(usize) -> String) -> VhostRouting {
-    let mut routing = VhostRouting::new();
+    let mut routing = VhostRouting::new(s("/"));
     for i in 0..BINDINGS {
         let queue = s(&format!("q{i}"));
         routing.apply(&MetaOp::DeclareQueue(QueueDef {

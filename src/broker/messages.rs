@@ -27,8 +27,9 @@ pub type SettledIds = SmallVec<[MessageId; 4]>;
 ///
 /// Every delivery, unacked entry and settlement names its queue, so the handle is what moves:
 /// 8 bytes, cloned with one reference count, hashed from the name's precomputed hash, and equal
-/// at once when both sides hold the same handle (a settlement carries back the handle its
-/// delivery came with, the owner's own). Derefs to the name.
+/// at once when both sides hold the same handle (routing on the owner's shard made the one the
+/// owner keys its queue by, and a settlement carries back the handle its delivery came with).
+/// Derefs to the name.
 #[derive(Clone)]
 pub struct QueueKey(Arc<QueueName>);
 
@@ -47,36 +48,16 @@ fn name_hash(vhost: &ShortStr, name: &ShortStr) -> u64 {
     STATE.hash_one((vhost, name))
 }
 
-impl QueueName {
-    pub fn new(vhost: ShortStr, name: ShortStr) -> QueueName {
-        let hash = name_hash(&vhost, &name);
-        QueueName { vhost, name, hash }
-    }
-}
-
 impl QueueKey {
     pub fn new(vhost: ShortStr, name: ShortStr) -> QueueKey {
-        QueueKey(Arc::new(QueueName::new(vhost, name)))
-    }
-}
-
-impl From<QueueName> for QueueKey {
-    fn from(name: QueueName) -> QueueKey {
-        QueueKey(Arc::new(name))
+        let hash = name_hash(&vhost, &name);
+        QueueKey(Arc::new(QueueName { vhost, name, hash }))
     }
 }
 
 impl std::ops::Deref for QueueKey {
     type Target = QueueName;
     fn deref(&self) -> &QueueName {
-        &self.0
-    }
-}
-
-/// Lets maps keyed by handles be searched by a name built on the stack (a publish names its
-/// queues): both hash the same precomputed value.
-impl std::borrow::Borrow<QueueName> for QueueKey {
-    fn borrow(&self) -> &QueueName {
         &self.0
     }
 }
@@ -238,9 +219,8 @@ pub enum ShardMessage {
     },
     /// To the owner of `queues` (all on the receiving shard).
     Publish {
-        vhost: ShortStr,
         /// Inline for the usual single queue: a publish allocates no list.
-        queues: SmallVec<[ShortStr; 1]>,
+        queues: SmallVec<[QueueKey; 1]>,
         message: Message,
         confirm: Option<ConfirmTo>,
     },
@@ -358,17 +338,17 @@ mod tests {
     }
 
     #[test]
-    fn handles_made_apart_from_the_same_names_are_one_key_and_a_name_finds_them() {
+    fn handles_made_apart_from_the_same_names_are_one_key() {
         let mut map = HashMap::new();
         map.insert(QueueKey::new(short("/"), short("orders")), 1);
         map.insert(QueueKey::new(short("other"), short("orders")), 2);
         let again = QueueKey::new(short("/"), short("orders"));
         assert_eq!(map.get(&again), Some(&1));
         assert_eq!(
-            map.get(&QueueName::new(short("other"), short("orders"))),
+            map.get(&QueueKey::new(short("other"), short("orders"))),
             Some(&2)
         );
-        assert_eq!(map.get(&QueueName::new(short("/"), short("order"))), None);
+        assert_eq!(map.get(&QueueKey::new(short("/"), short("order"))), None);
         assert_ne!(again, QueueKey::new(short("/"), short("Orders")));
         assert_eq!(again.clone(), again);
         assert!(QueueKey::new(short("/"), short("a")) < QueueKey::new(short("/"), short("b")));

@@ -259,7 +259,10 @@ pub fn recover(data_dir: &Path, vhosts: &[String]) -> std::io::Result<DurableMet
                 Ok(Decoded::Header(count)) => shard_count = Some(count),
                 Ok(Decoded::Op(vhost, op)) => {
                     records += 1;
-                    routing.entry(vhost).or_default().apply(&op);
+                    routing
+                        .entry(vhost.clone())
+                        .or_insert_with(|| VhostRouting::new(vhost))
+                        .apply(&op);
                 }
                 Err(Malformed(what)) => {
                     warn!(

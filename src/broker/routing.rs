@@ -11,6 +11,7 @@
 use ahash::{HashMap, HashMapExt};
 use shards::ShardId;
 
+use super::messages::QueueKey;
 use super::topic::TopicTrie;
 use crate::codec::{FieldTable, FieldValue, ShortStr};
 
@@ -339,14 +340,17 @@ pub fn predeclared_exchanges() -> Vec<ExchangeDef> {
 /// One vhost's exchanges, bindings and queues.
 #[derive(Debug)]
 pub struct VhostRouting {
+    vhost: ShortStr,
     exchanges: HashMap<ShortStr, Exchange>,
-    queues: HashMap<ShortStr, QueueDef>,
+    queues: HashMap<ShortStr, RoutingQueue>,
 }
 
-impl Default for VhostRouting {
-    fn default() -> Self {
-        VhostRouting::new()
-    }
+/// A queue as routing knows it: its definition, and the handle publishes carry to its owner
+/// (made once, when the queue is declared here).
+#[derive(Debug)]
+struct RoutingQueue {
+    def: QueueDef,
+    key: QueueKey,
 }
 
 /// At most this many exchanges are visited while routing one message (exchange-to-exchange
@@ -354,8 +358,9 @@ impl Default for VhostRouting {
 pub const ROUTING_EXCHANGES_MAX: usize = 64;
 
 impl VhostRouting {
-    pub fn new() -> VhostRouting {
+    pub fn new(vhost: ShortStr) -> VhostRouting {
         let mut routing = VhostRouting {
+            vhost,
             exchanges: HashMap::new(),
             queues: HashMap::new(),
         };
@@ -372,11 +377,16 @@ impl VhostRouting {
     }
 
     pub fn queue(&self, name: &ShortStr) -> Option<&QueueDef> {
-        self.queues.get(name)
+        self.queues.get(name).map(|q| &q.def)
+    }
+
+    /// The handle of a declared queue (its owner keys the queue by the same one).
+    pub fn queue_key(&self, name: &ShortStr) -> Option<&QueueKey> {
+        self.queues.get(name).map(|q| &q.key)
     }
 
     pub fn queues(&self) -> impl Iterator<Item = &QueueDef> {
-        self.queues.values()
+        self.queues.values().map(|q| &q.def)
     }
 
     pub fn exchanges(&self) -> impl Iterator<Item = &ExchangeDef> {
@@ -465,7 +475,10 @@ impl VhostRouting {
             MetaOp::DeclareQueue(def) => {
                 self.queues
                     .entry(def.name.clone())
-                    .or_insert_with(|| def.clone());
+                    .or_insert_with(|| RoutingQueue {
+                        def: def.clone(),
+                        key: QueueKey::new(self.vhost.clone(), def.name.clone()),
+                    });
             }
             MetaOp::DeleteQueue { name } => {
                 if self.queues.remove(name).is_some() {
@@ -549,8 +562,8 @@ impl VhostRouting {
             self.route_through_exchanges(exchange, routing_key, headers, out);
         }
         if out.len() > 1 {
-            out.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-            out.dedup_by(|a, b| a.name == b.name);
+            out.sort_unstable_by(|a, b| a.key.cmp(&b.key));
+            out.dedup_by(|a, b| a.key == b.key);
         }
     }
 
@@ -608,15 +621,15 @@ fn destination_order(destination: &Destination) -> (u8, &ShortStr) {
 /// A queue a message was routed to, and the shard that owns it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct RoutedQueue {
-    pub name: ShortStr,
+    pub key: QueueKey,
     pub owner: ShardId,
 }
 
 impl RoutedQueue {
-    fn of(queue: &QueueDef) -> RoutedQueue {
+    fn of(queue: &RoutingQueue) -> RoutedQueue {
         RoutedQueue {
-            name: queue.name.clone(),
-            owner: queue.owner,
+            key: queue.key.clone(),
+            owner: queue.def.owner,
         }
     }
 }

@@ -1114,16 +1114,21 @@ impl Session {
                 .unwrap_or(u32::MAX);
             Some(confirms.publish(owner_count))
         });
-        for group in routed.chunk_by(|a, b| a.owner == b.owner) {
-            let owner = group[0].owner;
+        let mut queues: SmallVec<[QueueKey; 1]> = SmallVec::new();
+        let mut drained = routed.drain(..).peekable();
+        while let Some(RoutedQueue { key, owner }) = drained.next() {
+            // The handles move into the message, one per owner.
+            queues.push(key);
+            if drained.peek().is_some_and(|next| next.owner == owner) {
+                continue;
+            }
             if let Some(owners) = owners.as_deref_mut().filter(|o| !o.contains(&owner)) {
                 owners.push(owner);
             }
             self.shard.post(
                 owner,
                 ShardMessage::Publish {
-                    vhost: vhost.clone(),
-                    queues: group.iter().map(|queue| queue.name.clone()).collect(),
+                    queues: std::mem::take(&mut queues),
                     message: message.clone(),
                     confirm: seq.map(|seq| ConfirmTo {
                         connection: self.connection,
@@ -1133,7 +1138,7 @@ impl Session {
                 },
             );
         }
-        routed.clear();
+        drop(drained);
         *self.routed.borrow_mut() = routed;
     }
 

@@ -201,10 +201,8 @@ impl ShardBroker {
             .vhosts
             .iter()
             .map(|vhost| {
-                (
-                    ShortStr::try_from(vhost.as_str()).unwrap_or_default(),
-                    VhostRouting::new(),
-                )
+                let vhost = ShortStr::try_from(vhost.as_str()).unwrap_or_default();
+                (vhost.clone(), VhostRouting::new(vhost))
             })
             .collect();
         let broker = Rc::new(ShardBroker {
@@ -538,19 +536,17 @@ impl ShardBroker {
                 );
             }
             ShardMessage::Publish {
-                vhost,
                 queues,
                 message,
                 confirm,
             } => {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
                 let mut logged = Writers::new();
-                for name in queues {
-                    let name = QueueName::new(vhost.clone(), name);
+                for key in queues {
                     let key = {
                         // One lookup: logging the record touches no queue.
                         let mut queues = self.queues.borrow_mut();
-                        let Some(owned) = queues.get_mut(&name) else {
+                        let Some(owned) = queues.get_mut(&key) else {
                             continue;
                         };
                         let mut location = None;
@@ -1012,7 +1008,14 @@ impl ShardBroker {
         }
         match op {
             MetaOp::DeclareQueue(def) if def.owner == self.id => {
-                let key = QueueKey::new(vhost.clone(), def.name.clone());
+                // The routing table's handle: publishes routed here carry it, and find the
+                // queue by pointer.
+                let key = self
+                    .routing
+                    .borrow()
+                    .get(vhost)
+                    .and_then(|routing| routing.queue_key(&def.name).cloned())
+                    .unwrap_or_else(|| QueueKey::new(vhost.clone(), def.name.clone()));
                 self.queues
                     .borrow_mut()
                     .entry(key.clone())

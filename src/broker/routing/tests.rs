@@ -63,11 +63,11 @@ fn routed_with(
 ) -> Vec<String> {
     let mut out = Vec::new();
     routing.route(&s(exchange), &s(key), headers, &mut out);
-    out.iter().map(|q| q.name.to_string()).collect()
+    out.iter().map(|q| q.key.name.to_string()).collect()
 }
 
 fn setup(ops: &[MetaOp]) -> VhostRouting {
-    let mut routing = VhostRouting::new();
+    let mut routing = VhostRouting::new(s("/"));
     for op in ops {
         routing.apply(op);
     }
@@ -76,7 +76,7 @@ fn setup(ops: &[MetaOp]) -> VhostRouting {
 
 #[test]
 fn predeclared_exchanges_exist() {
-    let routing = VhostRouting::new();
+    let routing = VhostRouting::new(s("/"));
     for name in [
         "amq.direct",
         "amq.fanout",
