@@ -1,14 +1,15 @@
 //! The rest of the model's corners through amqprs: internal exchanges, delete conditions,
-//! exclusive consumers, reused consumer tags, immediate, recover, and concurrent declares of one
-//! name from connections on different cores.
+//! exclusive consumers, reused consumer tags, immediate, recover, concurrent declares of one
+//! name from connections on different cores, and acks that outlive their queue.
 
 mod common;
 
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicConsumeArguments, BasicPublishArguments, ExchangeDeclareArguments,
-    ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments, QueueDeleteArguments,
+    BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments,
+    ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments, QueueDeclareArguments,
+    QueueDeleteArguments,
 };
 use amqprs::connection::Connection;
 use amqprs::BasicProperties;
@@ -220,4 +221,79 @@ async fn concurrent_declares_of_one_name_resolve_to_one_queue() {
         (ok_durable, ok_transient) == (8, 0) || (ok_durable, ok_transient) == (0, 8),
         "durable ok {ok_durable}, transient ok {ok_transient}"
     );
+}
+
+/// A delivery's queue is deleted and declared again under the same name; the new queue numbers
+/// its messages from the start again. Acking the old delivery must not settle the new queue's
+/// message that has the same number: that one stays unacked, and comes back when its channel
+/// closes.
+#[tokio::test]
+async fn an_ack_for_a_deleted_queue_does_not_settle_its_successor() {
+    // Queues live with their connection: both incarnations on one shard, numbered alike.
+    let broker = Broker::start();
+    let connection = Connection::open(&guest(&broker)).await.unwrap();
+    let old = connection.open_channel(None).await.unwrap();
+    let new = connection.open_channel(None).await.unwrap();
+    let publish = |channel: &amqprs::channel::Channel, body: &str| {
+        let channel = channel.clone();
+        let body = body.as_bytes().to_vec();
+        async move {
+            channel
+                .basic_publish(
+                    BasicProperties::default(),
+                    body,
+                    BasicPublishArguments::new("", "again"),
+                )
+                .await
+                .unwrap()
+        }
+    };
+    old.queue_declare(QueueDeclareArguments::new("again"))
+        .await
+        .unwrap();
+    publish(&old, "old").await;
+    let (got_old, _, body) = old
+        .basic_get(BasicGetArguments::new("again"))
+        .await
+        .unwrap()
+        .expect("the old message");
+    assert_eq!(body, b"old");
+
+    new.queue_delete(QueueDeleteArguments::new("again"))
+        .await
+        .unwrap();
+    new.queue_declare(QueueDeclareArguments::new("again"))
+        .await
+        .unwrap();
+    publish(&new, "new").await;
+    let (got_new, _, body) = new
+        .basic_get(BasicGetArguments::new("again"))
+        .await
+        .unwrap()
+        .expect("the new message");
+    assert_eq!(body, b"new");
+
+    old.basic_ack(BasicAckArguments::new(got_old.delivery_tag(), false))
+        .await
+        .unwrap();
+    // A round trip on the same channel: the ack has reached the owner before this answer.
+    let mut passive = QueueDeclareArguments::new("again");
+    passive.passive(true);
+    old.queue_declare(passive.clone()).await.unwrap();
+    assert_eq!(got_new.delivery_tag(), 1);
+    new.close().await.unwrap();
+
+    let (_, ready, _) = old.queue_declare(passive).await.unwrap().unwrap();
+    assert_eq!(
+        ready, 1,
+        "the new message is requeued, not acked by the stale tag"
+    );
+    let (again, _, body) = old
+        .basic_get(BasicGetArguments::new("again"))
+        .await
+        .unwrap()
+        .expect("the new message again");
+    assert_eq!(body, b"new");
+    assert!(again.redelivered());
+    connection.close().await.unwrap();
 }

@@ -55,6 +55,13 @@ impl QueueKey {
     }
 }
 
+impl QueueKey {
+    /// The very same handle: the queue it was made for, not a later one of the same name.
+    pub fn is(&self, other: &QueueKey) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
+}
+
 impl std::ops::Deref for QueueKey {
     type Target = QueueName;
     fn deref(&self) -> &QueueName {
@@ -186,7 +193,8 @@ pub enum Reply {
     Applied,
     /// basic.consume registered (or refused).
     Consume(Result<(), AmqpError>),
-    Get(Result<Option<Got>, AmqpError>),
+    /// basic.get: the message, with the owner's handle of the queue (its settlement names it).
+    Get(Result<Option<(QueueKey, Got)>, AmqpError>),
     /// purge or delete: how many messages went.
     Count(Result<u32, AmqpError>),
     /// Ready messages and consumers of a queue (declare-ok); `None` if it does not exist here.
@@ -249,7 +257,9 @@ pub enum ShardMessage {
         consumer: ConsumerKey,
         amount: u32,
     },
-    /// Settle delivered messages: ack (drop) or requeue.
+    /// Settle delivered messages: ack (drop) or requeue. `queue` is the handle the deliveries
+    /// came with: a queue deleted and declared again since is another queue, which the
+    /// settlement must not touch (its ids start over).
     Settle {
         queue: QueueKey,
         ids: SettledIds,

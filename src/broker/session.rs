@@ -742,12 +742,11 @@ impl Session {
             Method::BasicGet(m) => {
                 let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
                 let holder = self.shard.channel_key(self.connection, channel);
-                let request_queue = queue.clone();
                 let reply = self
                     .shard
                     .request(owner, |token| ShardMessage::Get {
                         token,
-                        queue: request_queue,
+                        queue,
                         channel: holder,
                         no_ack: m.no_ack,
                     })
@@ -756,7 +755,7 @@ impl Session {
                     Some(Reply::Get(result)) => result?,
                     other => return Err(internal_error("basic.get", &other)),
                 };
-                let Some(got) = got else {
+                let Some((queue, got)) = got else {
                     self.send(channel, BasicGetEmpty::default());
                     return Ok(());
                 };

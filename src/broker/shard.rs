@@ -685,7 +685,7 @@ impl ShardBroker {
                 let mut logged: smallvec::SmallVec<[(MessageId, bool); 4]> =
                     smallvec::SmallVec::new();
                 let durable = match self.queues.borrow_mut().get_mut(&queue) {
-                    Some(owned) => {
+                    Some(owned) if owned.key.is(&queue) => {
                         if requeue {
                             owned.queue.requeue(&ids);
                         } else {
@@ -693,7 +693,8 @@ impl ShardBroker {
                         }
                         owned.durable
                     }
-                    None => false,
+                    // Gone, or deleted and declared again: those deliveries went with it.
+                    _ => false,
                 };
                 self.settle_logged(&queue, durable, &logged);
                 if requeue {
@@ -737,6 +738,7 @@ impl ShardBroker {
                             .as_ref()
                             .filter(|g| g.logged)
                             .map(|g| (g.id, g.message.is_persistent()));
+                        let got = got.map(|got| (owned.key.clone(), got));
                         Ok((got, logged, owned.durable))
                     }
                 };
@@ -887,7 +889,11 @@ impl ShardBroker {
         let mut wants = Vec::new();
         let mut page_in = false;
         let mut durable = false;
+        // The queue's own handle, not `key` (which may be a consumer's copy): settlements come
+        // back with it.
+        let mut handle = None;
         if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
+            handle = Some(owned.key.clone());
             owned.queue.dispatch(&mut deliveries);
             owned.queue.credit_wanted(&mut wants);
             page_in = owned.queue.paged_count() > 0 && owned.queue.consumer_count() > 0;
@@ -910,11 +916,15 @@ impl ShardBroker {
             );
         }
         for delivery in deliveries.drain(..) {
+            // Deliveries come only from the queue found above.
+            let Some(queue) = handle.clone() else {
+                break;
+            };
             self.post(
                 delivery.consumer.shard,
                 ShardMessage::Deliver {
                     consumer: delivery.consumer,
-                    queue: key.clone(),
+                    queue,
                     durable,
                     owner: self.id,
                     id: delivery.id,
