@@ -234,30 +234,31 @@ async fn an_ack_for_a_deleted_queue_does_not_settle_its_successor() {
     let connection = Connection::open(&guest(&broker)).await.unwrap();
     let old = connection.open_channel(None).await.unwrap();
     let new = connection.open_channel(None).await.unwrap();
-    let publish = |channel: &amqprs::channel::Channel, body: &str| {
+    // Publishes `body` to "again" on `channel`, gets a message back and checks it is `body`.
+    let round_trip = |channel: &amqprs::channel::Channel, body: &'static str| {
         let channel = channel.clone();
-        let body = body.as_bytes().to_vec();
         async move {
             channel
                 .basic_publish(
                     BasicProperties::default(),
-                    body,
+                    body.as_bytes().to_vec(),
                     BasicPublishArguments::new("", "again"),
                 )
                 .await
+                .unwrap();
+            let (got, _, content) = channel
+                .basic_get(BasicGetArguments::new("again"))
+                .await
                 .unwrap()
+                .expect("a message");
+            assert_eq!(content, body.as_bytes());
+            got
         }
     };
     old.queue_declare(QueueDeclareArguments::new("again"))
         .await
         .unwrap();
-    publish(&old, "old").await;
-    let (got_old, _, body) = old
-        .basic_get(BasicGetArguments::new("again"))
-        .await
-        .unwrap()
-        .expect("the old message");
-    assert_eq!(body, b"old");
+    let got_old = round_trip(&old, "old").await;
 
     new.queue_delete(QueueDeleteArguments::new("again"))
         .await
@@ -265,13 +266,8 @@ async fn an_ack_for_a_deleted_queue_does_not_settle_its_successor() {
     new.queue_declare(QueueDeclareArguments::new("again"))
         .await
         .unwrap();
-    publish(&new, "new").await;
-    let (got_new, _, body) = new
-        .basic_get(BasicGetArguments::new("again"))
-        .await
-        .unwrap()
-        .expect("the new message");
-    assert_eq!(body, b"new");
+    let got_new = round_trip(&new, "new").await;
+    assert_eq!(got_new.delivery_tag(), 1);
 
     old.basic_ack(BasicAckArguments::new(got_old.delivery_tag(), false))
         .await
@@ -280,7 +276,6 @@ async fn an_ack_for_a_deleted_queue_does_not_settle_its_successor() {
     let mut passive = QueueDeclareArguments::new("again");
     passive.passive(true);
     old.queue_declare(passive.clone()).await.unwrap();
-    assert_eq!(got_new.delivery_tag(), 1);
     new.close().await.unwrap();
 
     let (_, ready, _) = old.queue_declare(passive).await.unwrap().unwrap();
