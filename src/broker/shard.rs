@@ -543,7 +543,7 @@ impl ShardBroker {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
                 let mut logged = Writers::new();
                 for key in queues {
-                    let key = {
+                    {
                         // One lookup: logging the record touches no queue.
                         let mut queues = self.queues.borrow_mut();
                         let Some(owned) = queues.get_mut(&key) else {
@@ -568,8 +568,7 @@ impl ShardBroker {
                             }
                         }
                         owned.queue.publish(message.clone(), location);
-                        owned.key.clone()
-                    };
+                    }
                     self.dispatch(&key);
                 }
                 self.maybe_page_out();
