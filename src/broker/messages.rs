@@ -34,7 +34,6 @@ pub type SettledIds = SmallVec<[MessageId; 4]>;
 pub struct QueueKey(Arc<QueueName>);
 
 /// A queue's vhost and name, with their hash computed once.
-#[derive(Clone)]
 pub struct QueueName {
     pub vhost: ShortStr,
     pub name: ShortStr,
@@ -53,9 +52,7 @@ impl QueueKey {
         let hash = name_hash(&vhost, &name);
         QueueKey(Arc::new(QueueName { vhost, name, hash }))
     }
-}
 
-impl QueueKey {
     /// The very same handle: the queue it was made for, not a later one of the same name.
     pub fn is(&self, other: &QueueKey) -> bool {
         Arc::ptr_eq(&self.0, &other.0)
@@ -103,7 +100,7 @@ impl std::fmt::Debug for QueueName {
 
 impl PartialEq for QueueKey {
     fn eq(&self, other: &QueueKey) -> bool {
-        Arc::ptr_eq(&self.0, &other.0) || *self.0 == *other.0
+        self.is(other) || *self.0 == *other.0
     }
 }
 
