@@ -1229,7 +1229,9 @@ impl Session {
                     None => credit.push((consumer, 1)),
                 }
             }
-            match by_queue.iter_mut().find(|(q, ..)| *q == unacked.queue) {
+            // By handle: deliveries from a queue since deleted and declared again under the
+            // same name go to that old queue, not with the new one's.
+            match by_queue.iter_mut().find(|(q, ..)| q.is(&unacked.queue)) {
                 Some((.., ids)) => ids.push(unacked.id),
                 None => by_queue.push((
                     unacked.queue,
