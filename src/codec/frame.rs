@@ -129,9 +129,10 @@ pub fn check_protocol_header(received: &[u8]) -> ProtocolHeader {
 /// Takes one frame off the front of `buffer`.
 ///
 /// Returns `Ok(None)` when the buffer does not yet hold a whole frame. `frame_max` of 0 means no
-/// limit, for frames we encoded ourselves; a peer's frames are always decoded under a limit
-/// (the room for an announced frame is reserved up front). The frame type and size are checked as soon as the 7 header bytes are in, so a peer
-/// cannot make us wait for (or buffer) a payload we would refuse anyway.
+/// limit, for frames we encoded ourselves; a peer's frames are always decoded under a limit.
+/// The frame type and size are checked as soon as the 7 header bytes are in, so a peer cannot
+/// make us wait for (or buffer) a payload we would refuse anyway. Room for the rest of a frame
+/// is the reader's business (`connection::driver` reads into the buffer's spare room).
 pub fn decode_frame(buffer: &mut BytesMut, frame_max: u32) -> Result<Option<Frame>, FrameError> {
     if buffer.len() < FRAME_HEADER_BYTES {
         return Ok(None);
@@ -157,7 +158,6 @@ pub fn decode_frame(buffer: &mut BytesMut, frame_max: u32) -> Result<Option<Fram
         what: "frame larger than this machine's address space",
     })?;
     if buffer.len() < frame_len {
-        buffer.reserve(frame_len - buffer.len());
         return Ok(None);
     }
     let mut frame = buffer.split_to(frame_len).freeze();

@@ -67,6 +67,11 @@ impl ShortStr {
         &self.0
     }
 
+    /// The same string in a buffer of its own, no longer holding the one it was decoded from.
+    pub fn detached(&self) -> ShortStr {
+        ShortStr(Bytes::copy_from_slice(&self.0))
+    }
+
     pub fn as_str(&self) -> Option<&str> {
         std::str::from_utf8(&self.0).ok()
     }

@@ -9,7 +9,9 @@
 //!
 //! Invariants: the socket is shared through a `RefCell` that is borrowed only inside one `poll_*`
 //! call, never across an await. When more than `outbound_buffer_bytes_max` bytes wait to be
-//! written, the reader stops reading (TCP back-pressure) until the writer drains them.
+//! written, the reader stops reading (TCP back-pressure) until the writer drains them. The read
+//! buffer is reused while nothing cut from it is alive (see `make_room`); the machine keeps no
+//! slice of it past a read.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -136,6 +138,19 @@ impl StreamMeter {
         }
         self.streaming
     }
+}
+
+/// Makes room for `asked` more bytes after the unparsed input. Frames are cut from the read
+/// buffer and share it; once none is alive (they are dropped as each read is handled) the buffer
+/// is reused, the unparsed tail moved to its front. A new buffer is twice the size needed, so
+/// that such a move always leaves `asked` bytes of room and reading does not allocate.
+fn make_room(input: &mut BytesMut, asked: usize) {
+    if input.try_reclaim(asked) {
+        return;
+    }
+    let mut fresh = BytesMut::with_capacity(2 * (input.len() + asked));
+    fresh.extend_from_slice(input);
+    *input = fresh;
 }
 
 async fn read_some(stream: &RefCell<TcpStream>, buffer: &mut [u8]) -> io::Result<usize> {
@@ -301,6 +316,7 @@ impl Connection {
             }
             let filled = input.len();
             let asked = read_size.next();
+            make_room(&mut input, asked);
             input.resize(filled + asked, 0);
             let result = read_some(&self.stream, &mut input[filled..]).await;
             let read = match result {

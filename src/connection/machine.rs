@@ -160,6 +160,21 @@ struct PendingContent {
     body: Body,
 }
 
+impl PendingContent {
+    /// Copies what still slices the read buffer (a few short strings and the properties), so
+    /// that the buffer is not held past the read that filled it.
+    fn detach(&mut self) {
+        if let Method::BasicPublish(publish) = &mut self.method {
+            publish.exchange = publish.exchange.detached();
+            publish.routing_key = publish.routing_key.detached();
+        }
+        if let Some(header) = &mut self.header {
+            header.raw_properties = Bytes::copy_from_slice(&header.raw_properties);
+        }
+        self.body.detach();
+    }
+}
+
 /// A body arriving in frames: one frame stays a zero-copy slice, more are joined.
 #[derive(Debug)]
 enum Body {
@@ -191,6 +206,14 @@ impl Body {
                 Body::Many(joined)
             }
         };
+    }
+
+    /// Stops sharing the read buffer: a lone frame's slice is copied (as the next frame would
+    /// have it copied anyway).
+    fn detach(&mut self) {
+        if let Body::One(first) = self {
+            *self = Body::Many(BytesMut::from(&first[..]));
+        }
     }
 
     fn into_bytes(self) -> Bytes {
@@ -327,6 +350,8 @@ pub struct ConnectionMachine {
     /// rather than returned through every handler: an `Input` is 168 bytes, and each return
     /// through a `Result` copied it for every frame, a command or not.
     handed_over: Option<Input>,
+    /// Channels whose publish being assembled took frames from the current read buffer.
+    assembling: Vec<u16>,
 }
 
 impl ConnectionMachine {
@@ -349,6 +374,7 @@ impl ConnectionMachine {
             input_refused: false,
             answered_itself: false,
             handed_over: None,
+            assembling: Vec::new(),
             slot: None,
         }
     }
@@ -461,7 +487,10 @@ impl ConnectionMachine {
                     self.tuning.frame_max
                 };
             match decode_frame(input, frame_max) {
-                Ok(None) => return None,
+                Ok(None) => {
+                    self.detach_assembling();
+                    return None;
+                }
                 Ok(Some(frame)) => {
                     self.handle_frame(frame);
                     if self.handed_over.is_some() {
@@ -811,6 +840,28 @@ impl ConnectionMachine {
         }
     }
 
+    /// Called when the input is used up: a publish still being assembled gets copies of the
+    /// frames it took from the read buffer. Without this a publish split across two reads
+    /// (most reads, with streaming clients) kept the whole buffer shared, and the next read
+    /// could not reuse it but allocated another (`driver::make_room`).
+    fn detach_assembling(&mut self) {
+        for channel in self.assembling.drain(..) {
+            if let Some(ChannelState::Open {
+                content: Some(content),
+                ..
+            }) = self.channels.get_mut(&channel)
+            {
+                content.detach();
+            }
+        }
+    }
+
+    fn note_assembling(&mut self, channel: u16) {
+        if !self.assembling.contains(&channel) {
+            self.assembling.push(channel);
+        }
+    }
+
     fn pending_content(&mut self, channel: u16) -> Result<Option<&mut PendingContent>, AmqpError> {
         match self.channels.get_mut(&channel) {
             // Discarded until the client acknowledges our channel.close.
@@ -872,6 +923,8 @@ impl ConnectionMachine {
         content.header = Some(header);
         if complete {
             self.take_command(channel);
+        } else {
+            self.note_assembling(channel);
         }
         Ok(())
     }
@@ -901,6 +954,8 @@ impl ConnectionMachine {
         content.body.push(payload);
         if received == expected {
             self.take_command(channel);
+        } else {
+            self.note_assembling(channel);
         }
         Ok(())
     }
@@ -1088,6 +1143,7 @@ impl ConnectionMachine {
                         header: None,
                         body: Body::Empty,
                     });
+                    self.note_assembling(channel);
                 }
                 Ok(())
             }

@@ -446,26 +446,53 @@ fn publish_frames(channel: u16, body: &[u8], declared: u64, frame_max: u32) -> B
     out
 }
 
-#[test]
-fn publish_content_is_assembled_across_frames() {
+/// An open harness with channel 1 open, a 10,000-byte body and its publish in 4 KiB frames.
+fn harness_with_large_publish() -> (Harness, Vec<u8>, BytesMut) {
     let mut h = Harness::open();
     h.send(1, ChannelOpen::default());
     let body: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
     let frames = publish_frames(1, &body, body.len() as u64, 4096);
+    (h, body, frames)
+}
+
+/// The body of the one publish handed over; panics on anything else.
+fn the_published_body(handed_over: &[Input]) -> &[u8] {
+    match handed_over {
+        [Input::Command(Command {
+            method: Method::BasicPublish(_),
+            content: Some(content),
+            ..
+        })] => &content.body,
+        other => panic!("expected one publish, got {other:?}"),
+    }
+}
+
+#[test]
+fn publish_content_is_assembled_across_frames() {
+    let (mut h, body, frames) = harness_with_large_publish();
     // Byte by byte: nothing is handed over until the last body byte arrives.
     for byte in &frames[..frames.len() - 1] {
         h.send_bytes(&[*byte]);
     }
     assert!(h.handed_over.is_empty());
     h.send_bytes(&frames[frames.len() - 1..]);
-    match h.handed_over.as_slice() {
-        [Input::Command(Command {
-            method: Method::BasicPublish(_),
-            content: Some(content),
-            ..
-        })] => assert_eq!(&content.body[..], &body[..]),
-        other => panic!("expected one publish, got {other:?}"),
-    }
+    assert_eq!(the_published_body(&h.handed_over), &body[..]);
+}
+
+#[test]
+fn a_publish_split_across_reads_does_not_hold_the_read_buffer() {
+    let (mut h, body, frames) = harness_with_large_publish();
+    // One read: the method, the header, a whole first body frame and part of the second.
+    let first_read = frames.len() - 5000;
+    let mut input = BytesMut::with_capacity(2 * frames.len());
+    input.extend_from_slice(&frames[..first_read]);
+    assert!(h.machine.receive(&mut input).is_none());
+    // Nothing cut from the buffer is alive any more: it is reused for the next read.
+    let room = input.capacity() + 1;
+    assert!(input.try_reclaim(room), "the read buffer is still shared");
+    input.extend_from_slice(&frames[first_read..]);
+    let handed_over: Vec<Input> = h.machine.receive(&mut input).into_iter().collect();
+    assert_eq!(the_published_body(&handed_over), &body[..]);
 }
 
 #[test]
