@@ -162,7 +162,7 @@ impl Coordinator {
             .map(ShardId)
             .filter(|id| *id != shard.id)
             .map(|id| {
-                let (vhost, op) = (vhost.clone(), op.clone());
+                let (vhost, op) = (vhost.clone(), Box::new(op.clone()));
                 shard.request(id, move |token| ShardMessage::Apply { token, vhost, op })
             })
             .collect();

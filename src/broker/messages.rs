@@ -209,18 +209,19 @@ pub struct ConfirmTo {
 /// One mailbox message.
 #[derive(Debug)]
 pub enum ShardMessage {
-    /// To the coordinator.
+    /// To the coordinator. (Rare metadata changes are boxed: a mailbox message is moved a few
+    /// times per publish, and its size is that of its largest variant.)
     Meta {
         token: u64,
         vhost: ShortStr,
         requester: ConnectionRef,
-        request: MetaRequest,
+        request: Box<MetaRequest>,
     },
     /// From the coordinator: apply this change to your copy of the vhost's routing table.
     Apply {
         token: u64,
         vhost: ShortStr,
-        op: MetaOp,
+        op: Box<MetaOp>,
     },
     /// To the owner of `queues` (all on the receiving shard).
     Publish {

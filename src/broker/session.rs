@@ -1421,7 +1421,7 @@ impl Session {
                     token: 0,
                     vhost: ShortStr::try_from(vhost).unwrap_or_default(),
                     requester: self.me(),
-                    request: MetaRequest::ConnectionClosed,
+                    request: Box::new(MetaRequest::ConnectionClosed),
                 },
             );
         }

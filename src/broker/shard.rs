@@ -424,7 +424,7 @@ impl ShardBroker {
                 token,
                 vhost,
                 requester,
-                request,
+                request: Box::new(request),
             })
             .await;
         match reply {
@@ -522,7 +522,7 @@ impl ShardBroker {
                 requester,
                 request,
             } => match &self.coordinator {
-                Some(coordinator) => coordinator.submit(from, token, vhost, requester, request),
+                Some(coordinator) => coordinator.submit(from, token, vhost, requester, *request),
                 None => warn!("{}: metadata request sent to a non-coordinator", self.id),
             },
             ShardMessage::Apply { token, vhost, op } => {
@@ -956,9 +956,9 @@ impl ShardBroker {
                         shard: self.id,
                         connection: u64::MAX,
                     },
-                    request: MetaRequest::AutoDeleteQueue {
+                    request: Box::new(MetaRequest::AutoDeleteQueue {
                         name: key.name.clone(),
-                    },
+                    }),
                 },
             );
         }
