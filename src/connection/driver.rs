@@ -141,14 +141,15 @@ impl StreamMeter {
 }
 
 /// Makes room for `asked` more bytes after the unparsed input. Frames are cut from the read
-/// buffer and share it; once none is alive (they are dropped as each read is handled) the buffer
-/// is reused, the unparsed tail moved to its front. A new buffer is twice the size needed, so
-/// that such a move always leaves `asked` bytes of room and reading does not allocate.
+/// buffer and share it; once none is alive (frames are dropped as each read is handled, but for
+/// large bodies, which are queued zero-copy and keep their buffer) the buffer is reused, the
+/// unparsed tail moved to its front. A new buffer holds the tail and twice the read size, so
+/// that after the next read such a move still leaves `asked` bytes of room.
 fn make_room(input: &mut BytesMut, asked: usize) {
     if input.try_reclaim(asked) {
         return;
     }
-    let mut fresh = BytesMut::with_capacity(2 * (input.len() + asked));
+    let mut fresh = BytesMut::with_capacity(input.len() + 2 * asked);
     fresh.extend_from_slice(input);
     *input = fresh;
 }
