@@ -170,8 +170,10 @@ impl PendingContent {
         }
         if let Some(header) = &mut self.header {
             header.raw_properties = Bytes::copy_from_slice(&header.raw_properties);
+            // Checked against the message size limit when the header came in.
+            let body_size = usize::try_from(header.body_size).unwrap_or(usize::MAX);
+            self.body.detach(body_size);
         }
-        self.body.detach();
     }
 }
 
@@ -209,10 +211,12 @@ impl Body {
     }
 
     /// Stops sharing the read buffer: a lone frame's slice is copied (as the next frame would
-    /// have it copied anyway).
-    fn detach(&mut self) {
+    /// have it copied anyway), with room for another frame of its size, up to `body_size`.
+    fn detach(&mut self, body_size: usize) {
         if let Body::One(first) = self {
-            *self = Body::Many(BytesMut::from(&first[..]));
+            let mut joined = BytesMut::with_capacity(body_size.min(2 * first.len()));
+            joined.extend_from_slice(first);
+            *self = Body::Many(joined);
         }
     }
 
