@@ -3,12 +3,15 @@
 
 One command (from the repository root):
 
-    python3 perf/compare.py            # full matrix, ~10 minutes
+    python3 perf/compare.py            # full matrix, three rounds, ~20 minutes
     python3 perf/compare.py --quick    # shorter runs and a smaller backlog
 
 It builds shardmq and loadgen in release mode, installs Debian's rabbitmq-server if it is
 missing, starts both brokers on loopback ports with fresh data directories, runs every scenario
 against each (broker by broker, never both at once), and stops everything it started by PID.
+It does so in rounds (`--rounds`, 3 by default), each with freshly started brokers and the
+brokers' order swapped every round, so that a drift of the host's speed during the run does not
+favour either; the table, the targets and the chart show each figure's median over the rounds.
 For every broker x scenario it records msg/s in and out, confirm rate, latency percentiles, the
 broker's CPU seconds per million messages (from /proc) and its peak RSS during the scenario,
 plus idle RSS after start-up. The report goes to perf/results/<date>-<time>/: report.md,
@@ -21,6 +24,7 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -103,16 +107,76 @@ def run_scenario(broker, name, args):
 
 def generator_cores(r):
     """Cores' worth of CPU the load generator used during a scenario."""
+    if "loadgen_cores" in r:
+        return r["loadgen_cores"]
     seconds = r.get("seconds") or 0
     return r.get("loadgen_cpu_seconds", 0) / seconds if seconds else 0
 
 
-def report(machine, results, command, duration, backlog):
-    """report.md: the results table, where every target of issue 5 stands, the exact loadgen
-    command of every scenario and what is and is not a fair comparison."""
+def medians(results):
+    """One record per broker x scenario: each figure's median over the rounds (a run from before
+    rounds existed is one round), errors summed, in the order the runs first appear."""
+    groups = {}
+    for r in results:
+        groups.setdefault((r["broker"], r["scenario"]), []).append(r)
+    brokers = list(dict.fromkeys(r["broker"] for r in results))
+    scenarios_seen = list(dict.fromkeys(r["scenario"] for r in results))
+    merged = []
+    for broker in brokers:
+        for scenario in scenarios_seen:
+            runs = groups.get((broker, scenario))
+            if not runs:
+                continue
+
+            def median(get):
+                values = [v for v in (get(r) for r in runs) if v is not None]
+                return statistics.median(values) if values else None
+
+            def latency(key):
+                return median(lambda r: r.get("latency_us", {}).get(key))
+
+            merged.append(dict(
+                broker=broker, scenario=scenario, rounds=len(runs),
+                sent=median(lambda r: r.get("sent")), received=median(lambda r: r.get("received")),
+                send_rate=median(lambda r: r.get("send_rate")) or 0,
+                receive_rate=median(lambda r: r.get("receive_rate")) or 0,
+                confirm_rate=median(lambda r: r.get("confirm_rate")) or 0,
+                latency_us={k: latency(k) or 0 for k in ("p50", "p99", "p999", "max")},
+                broker_cpu_seconds_per_million=median(lambda r: r.get("broker_cpu_seconds_per_million")),
+                broker_peak_rss_mib=median(lambda r: r.get("broker_peak_rss_mib")),
+                broker_idle_rss_mib=median(lambda r: r.get("broker_idle_rss_mib")),
+                loadgen_cores=median(generator_cores),
+                errors=sum(r.get("errors") or 0 for r in runs)))
+    return merged
+
+
+def round_ratios(results, scenario, ours, theirs):
+    """theirs / ours (or ours / theirs when `ours` is a rate) for each round that measured both
+    brokers, paired by round: the spread behind a median."""
+    by = {(r["broker"], r["scenario"], r.get("round", 1)): r for r in results}
+    ratios = []
+    for (broker, s, n), r in sorted(by.items(), key=lambda item: item[0][2]):
+        other = by.get(("rabbitmq", s, n))
+        if broker != "shardmq" or s != scenario or not other:
+            continue
+        a, b = ours(r), theirs(other)
+        if a and b:
+            ratios.append(a / b)
+    return ratios
+
+
+def report(machine, runs, command, duration, backlog):
+    """report.md: the results table (medians over the rounds), where every target of issue 5
+    stands, the exact loadgen command of every scenario and what is and is not a fair
+    comparison."""
+    results = medians(runs)
+    rounds = max((r.get("round", 1) for r in runs), default=1)
     lines = [f"# shardmq vs RabbitMQ, {machine['date']}", "",
              "Machine: " + ", ".join(f"{k} {v}" for k, v in machine.items() if k != "date"), "",
              f"Command: `{command}`", "",
+             (f"Every figure is the median of {rounds} rounds (fresh brokers each round, their order "
+              "swapped every round); every round's figures are in results.csv." if rounds > 1 else
+              "One round: every figure is from a single run of each scenario."), "",
              "| broker | scenario | in msg/s | out msg/s | confirms/s | p50 µs | p99 µs | p99.9 µs | "
              "CPU s per M msgs | peak RSS MiB | idle RSS MiB | loadgen cores | errors |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -123,7 +187,7 @@ def report(machine, results, command, duration, backlog):
                      f"{latency.get('p999', 0):.0f} | {r.get('broker_cpu_seconds_per_million')} | "
                      f"{r.get('broker_peak_rss_mib')} | {r.get('broker_idle_rss_mib')} | "
                      f"{generator_cores(r):.2f} | {r.get('errors')} |")
-    lines += ["", "## Targets", ""] + targets(results, backlog) + [""]
+    lines += ["", "## Targets", ""] + targets(results, backlog, runs) + [""]
     lines += ["## Scenarios", "",
               "Each scenario is one loadgen run per broker (`target/release/loadgen`, with `--port`, "
               "`--json`, `--label`, `--queue-prefix` and, except for the first backlog half, `--cleanup` "
@@ -172,8 +236,14 @@ def shardmq_version():
 THROUGHPUT_SCENARIOS = ["1p-1c-16B", "4x4-4q-1KiB", "fanout-1to8-256B", "persistent-1KiB-confirm1000"]
 
 
-def targets(results, backlog):
-    """Markdown rows: each target of issue 5, measured in this run (shardmq against RabbitMQ)."""
+def spread(ratios, fmt):
+    """" (rounds: a, b, c)" when there was more than one round."""
+    return f" (rounds: {', '.join(fmt(x) for x in ratios)})" if len(ratios) > 1 else ""
+
+
+def targets(results, backlog, runs=()):
+    """Markdown rows: each target of issue 5, measured in this run (shardmq against RabbitMQ):
+    medians, with each round's own ratio when there were several rounds."""
     by = {(r["broker"], r["scenario"]): r for r in results}
     ours = {s: r for (b, s), r in by.items() if b == "shardmq"}
     theirs = {s: r for (b, s), r in by.items() if b == "rabbitmq"}
@@ -188,13 +258,17 @@ def targets(results, backlog):
             continue
         ratio = a.get("receive_rate", 0) / b["receive_rate"]
         bound = " (generator-bound: loadgen used %.2f cores)" % generator_cores(a) if generator_cores(a) >= 0.9 else ""
+        rate = round_ratios(runs, s, lambda r: r.get("receive_rate"), lambda r: r.get("receive_rate"))
         rows.append(f"| ≥ 5× RabbitMQ's delivered msg/s | {s} | {a.get('receive_rate', 0):.0f} | "
-                    f"{b['receive_rate']:.0f} | {ratio:.1f}×{bound} | {yes(ratio >= 5)} |")
+                    f"{b['receive_rate']:.0f} | {ratio:.1f}×{spread(rate, lambda x: f'{x:.1f}×')}{bound} | "
+                    f"{yes(ratio >= 5)} |")
     for s in ours:
         a, b = ours[s].get("broker_cpu_seconds_per_million"), theirs.get(s, {}).get("broker_cpu_seconds_per_million")
         if a and b:
-            rows.append(f"| CPU per message ≤ 1/10 of RabbitMQ's | {s} | {a} s/M | {b} s/M | 1/{b / a:.1f} | "
-                        f"{yes(a * 10 <= b)} |")
+            cpu = round_ratios(runs, s, lambda r: r.get("broker_cpu_seconds_per_million"),
+                               lambda r: r.get("broker_cpu_seconds_per_million"))
+            rows.append(f"| CPU per message ≤ 1/10 of RabbitMQ's | {s} | {a:.2f} s/M | {b:.2f} s/M | 1/{b / a:.1f}"
+                        f"{spread(cpu, lambda x: f'1/{1 / x:.1f}')} | {yes(a * 10 <= b)} |")
     fixed = ours.get("fixed-5000ps-256B")
     if fixed:
         p99 = fixed.get("latency_us", {}).get("p99", 0)
@@ -235,6 +309,7 @@ def chart(results, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    results = medians(results)
     names = [s for s in dict.fromkeys(r["scenario"] for r in results)]
     brokers = [b for b in dict.fromkeys(r["broker"] for r in results)]
     figure, (rates, latency) = plt.subplots(2, 1, figsize=(12, 9))
@@ -260,6 +335,9 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="5 s scenarios and a 100,000-message backlog")
     parser.add_argument("--brokers", default="shardmq,rabbitmq")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="rounds of the whole matrix, fresh brokers each, their order swapped every "
+                             "round; the report shows medians (default 3)")
     parser.add_argument("--shards", type=int, default=default_shards(),
                         help="shardmq's shard count (default: one per core but one, left to the "
                              "load generator)")
@@ -281,7 +359,8 @@ def main():
         return
     duration, backlog = (5, 100_000) if options.quick else (15, 1_000_000)
     command = ("python3 perf/compare.py" + (" --quick" if options.quick else "") +
-               (f" --shards {options.shards}" if options.shards != default_shards() else ""))
+               (f" --shards {options.shards}" if options.shards != default_shards() else "") +
+               (f" --rounds {options.rounds}" if options.rounds != 3 else ""))
     subprocess.run(["cargo", "build", "--release", "-q", "-p", "shardmq", "-p", "shardmq-perf"], cwd=ROOT, check=True)
     stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
     out = os.path.join(ROOT, "perf", "results", stamp)
@@ -296,28 +375,37 @@ def main():
         "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
     }
     results = []
-    with tempfile.TemporaryDirectory() as workdir:
-        for name in options.brokers.split(","):
-            if name == "rabbitmq":
-                server, version = ensure_rabbitmq()
-                machine["rabbitmq"] = version
-                broker = start_rabbitmq(workdir, server)
-            else:
-                broker = start_shardmq(workdir, options.shards)
-                machine["shardmq_shards"] = options.shards
-            try:
-                idle = rss_bytes(broker.pids())
-                print(f"{name}: idle RSS {idle / 2**20:.1f} MiB", flush=True)
-                for scenario, args in scenarios(duration, backlog):
-                    result = run_scenario(broker, scenario, args)
-                    result["broker_idle_rss_mib"] = round(idle / 2**20, 1)
-                    results.append(result)
-            finally:
-                broker.stop()
+    brokers = options.brokers.split(",")
+    for round_number in range(1, options.rounds + 1):
+        # Swapped every round: neither broker always runs first, on a host that warms up or
+        # slows down as the run goes on.
+        order = brokers if round_number % 2 else brokers[::-1]
+        for name in order:
+            # A data directory of its own each time: nothing carries over between rounds.
+            with tempfile.TemporaryDirectory() as workdir:
+                if name == "rabbitmq":
+                    server, version = ensure_rabbitmq()
+                    machine["rabbitmq"] = version
+                    broker = start_rabbitmq(workdir, server)
+                else:
+                    broker = start_shardmq(workdir, options.shards)
+                    machine["shardmq_shards"] = options.shards
+                try:
+                    idle = rss_bytes(broker.pids())
+                    print(f"round {round_number}/{options.rounds}, {name}: idle RSS {idle / 2**20:.1f} MiB",
+                          flush=True)
+                    for scenario, args in scenarios(duration, backlog):
+                        result = run_scenario(broker, scenario, args)
+                        result["broker_idle_rss_mib"] = round(idle / 2**20, 1)
+                        result["round"] = round_number
+                        results.append(result)
+                finally:
+                    broker.stop()
     with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump({"machine": machine, "run": {"command": command, "duration": duration, "backlog": backlog},
+        json.dump({"machine": machine, "run": {"command": command, "duration": duration, "backlog": backlog,
+                                              "rounds": options.rounds},
                    "results": results}, f, indent=2)
-    fields = ["broker", "scenario", "send_rate", "receive_rate", "confirm_rate", "p50_us", "p99_us", "p999_us",
+    fields = ["round", "broker", "scenario", "send_rate", "receive_rate", "confirm_rate", "p50_us", "p99_us", "p999_us",
               "max_us", "errors", "broker_cpu_seconds_per_million", "broker_peak_rss_mib", "broker_idle_rss_mib",
               "loadgen_cpu_seconds", "seconds"]
     with open(os.path.join(out, "results.csv"), "w", newline="") as f:
