@@ -128,9 +128,10 @@ def medians(results):
             if not runs:
                 continue
 
-            def median(get):
+            def median(get, digits=2):
                 values = [v for v in (get(r) for r in runs) if v is not None]
-                return statistics.median(values) if values else None
+                # An even number of rounds averages the middle two: round off the float noise.
+                return round(statistics.median(values), digits) if values else None
 
             def latency(key):
                 return median(lambda r: r.get("latency_us", {}).get(key))
@@ -143,8 +144,8 @@ def medians(results):
                 confirm_rate=median(lambda r: r.get("confirm_rate")) or 0,
                 latency_us={k: latency(k) or 0 for k in ("p50", "p99", "p999", "max")},
                 broker_cpu_seconds_per_million=median(lambda r: r.get("broker_cpu_seconds_per_million")),
-                broker_peak_rss_mib=median(lambda r: r.get("broker_peak_rss_mib")),
-                broker_idle_rss_mib=median(lambda r: r.get("broker_idle_rss_mib")),
+                broker_peak_rss_mib=median(lambda r: r.get("broker_peak_rss_mib"), 1),
+                broker_idle_rss_mib=median(lambda r: r.get("broker_idle_rss_mib"), 1),
                 loadgen_cores=median(generator_cores),
                 errors=sum(r.get("errors") or 0 for r in runs)))
     return merged
