@@ -637,7 +637,7 @@ impl Queue {
     /// `keep` (see `pageable_positions`): what to write out before paging them. Returned in
     /// queue order, so that written one after the other their records lie in the log in the
     /// order they will be read back (page-in reads contiguous records in one go).
-    pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, Message)> {
+    pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, &Message)> {
         let mut out = Vec::new();
         let mut total = 0;
         for position in self.pageable_positions(keep) {
@@ -650,7 +650,7 @@ impl Queue {
             }
             if let Some(message) = self.slab.get(ready.slot as usize).and_then(Option::as_ref) {
                 total += message.size_bytes();
-                out.push((ready.id(), message.clone()));
+                out.push((ready.id(), message));
             }
         }
         out.sort_unstable_by_key(|(id, _)| *id);

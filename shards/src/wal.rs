@@ -49,6 +49,35 @@ pub struct LoggedQueue {
     pub name: Bytes,
 }
 
+/// Which of the two records that carry a message: both have the same payload.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MessageRecord {
+    /// A persistent message on a durable queue: replayed.
+    Enqueue,
+    /// A copy written out only to free memory: read back by its queue, ignored by replay.
+    PagedOut,
+}
+
+/// Encodes an Enqueue or PagedOut payload from borrowed parts and returns the record kind: what
+/// `WalEntry::encode` does for those entries, without a message cloned into an entry first
+/// (a page-out logs thousands of queued messages in one go, their reference counts cold).
+pub fn encode_message(
+    payload: &mut BytesMut,
+    record: MessageRecord,
+    queue: &LoggedQueue,
+    id: MessageId,
+    message: &Message,
+) -> u8 {
+    put_queue(payload, queue);
+    payload.put_u64_le(id);
+    put_long(payload, message.envelope());
+    put_long(payload, message.body());
+    match record {
+        MessageRecord::Enqueue => KIND_ENQUEUE,
+        MessageRecord::PagedOut => KIND_PAGED_OUT,
+    }
+}
+
 /// The ids of a Settle or Delivered record: an ack names one or a few, and building the record
 /// should not allocate for them.
 pub type LoggedIds = smallvec::SmallVec<[MessageId; 4]>;
@@ -110,17 +139,11 @@ impl WalEntry {
     /// The record kind and payload.
     pub fn encode(&self, payload: &mut BytesMut) -> u8 {
         match self {
-            WalEntry::Enqueue { queue, id, message }
-            | WalEntry::PagedOut { queue, id, message } => {
-                put_queue(payload, queue);
-                payload.put_u64_le(*id);
-                put_long(payload, message.envelope());
-                put_long(payload, message.body());
-                if matches!(self, WalEntry::Enqueue { .. }) {
-                    KIND_ENQUEUE
-                } else {
-                    KIND_PAGED_OUT
-                }
+            WalEntry::Enqueue { queue, id, message } => {
+                encode_message(payload, MessageRecord::Enqueue, queue, *id, message)
+            }
+            WalEntry::PagedOut { queue, id, message } => {
+                encode_message(payload, MessageRecord::PagedOut, queue, *id, message)
             }
             WalEntry::Settle { queue, ids } => {
                 put_queue(payload, queue);

@@ -30,7 +30,7 @@ use std::path::Path;
 use log::{error, info};
 use roaring::RoaringTreemap;
 use shards::record::{self, RECORD_HEADER_BYTES};
-use shards::wal::{LoggedIds, LoggedQueue, Recovery, WalEntry};
+use shards::wal::{LoggedIds, LoggedQueue, MessageRecord, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
 use super::messages::{MetaRequest, QueueKey, QueueName, Reply, ShardMessage};
@@ -551,11 +551,11 @@ impl ShardBroker {
                         };
                         let mut location = None;
                         if owned.durable && message.is_persistent() {
-                            let appended = self.log(WalEntry::Enqueue {
-                                queue: logged_queue(&owned.key),
-                                id: owned.queue.next_id(),
-                                message: message.clone(),
-                            });
+                            let appended = self.log_message(
+                                &logged_queue(&owned.key),
+                                owned.queue.next_id(),
+                                &message,
+                            );
                             if let Some(Appended {
                                 writer,
                                 location: at,
@@ -1063,6 +1063,17 @@ impl ShardBroker {
         Some(appended)
     }
 
+    /// Logs a persistent message's Enqueue record (not cloning the message into an entry).
+    fn log_message(
+        &self,
+        queue: &LoggedQueue,
+        id: MessageId,
+        message: &shards::Message,
+    ) -> Option<Appended> {
+        let wal = self.wal.borrow().clone()?;
+        Some(wal.append_message(MessageRecord::Enqueue, queue, id, message))
+    }
+
     /// Past the memory budget, pages messages out, from the back of the queues (delivered last),
     /// down to three quarters of the budget: first those whose records are durable already
     /// (persistent messages on durable queues); if that is not enough, others are written out as
@@ -1077,7 +1088,7 @@ impl ShardBroker {
         };
         let target = used - self.memory_budget / 4 * 3;
         let mut freed = 0;
-        let mut to_write: Vec<(QueueKey, Vec<(MessageId, shards::Message)>)> = Vec::new();
+        let mut written: Vec<(QueueKey, Vec<(MessageId, Location)>)> = Vec::new();
         {
             let mut queues = self.queues.borrow_mut();
             for owned in queues.values_mut() {
@@ -1090,32 +1101,29 @@ impl ShardBroker {
                     .page_out(target - freed, keep, |l| wal.is_durable(l));
             }
             // Write out at most a quarter budget per pass (the next pass follows its sync): the
-            // log holds copies of what it writes until then.
+            // log holds copies of what it writes until then. Records are encoded from the queued
+            // messages in place (appending touches no queue).
             let mut wanted = target.saturating_sub(freed).min(self.memory_budget / 4);
             for (key, owned) in queues.iter() {
                 if wanted == 0 {
                     break;
                 }
                 let batch = owned.queue.unlogged_from_back(wanted, page_keep(owned));
-                let bytes: usize = batch.iter().map(|(_, m)| m.size_bytes()).sum();
-                wanted = wanted.saturating_sub(bytes);
-                if !batch.is_empty() {
-                    to_write.push((key.clone(), batch));
+                if batch.is_empty() {
+                    continue;
                 }
+                let queue = logged_queue(key);
+                let mut placed = Vec::with_capacity(batch.len());
+                for (id, message) in batch {
+                    wanted = wanted.saturating_sub(message.size_bytes());
+                    let appended = wal.append_message(MessageRecord::PagedOut, &queue, id, message);
+                    placed.push((id, appended.location));
+                }
+                written.push((key.clone(), placed));
             }
         }
-        let writing = !to_write.is_empty();
-        for (key, batch) in to_write {
-            let queue = logged_queue(&key);
-            let mut placed = Vec::with_capacity(batch.len());
-            for (id, message) in batch {
-                let appended = wal.append(&WalEntry::PagedOut {
-                    queue: queue.clone(),
-                    id,
-                    message,
-                });
-                placed.push((id, appended.location));
-            }
+        let writing = !written.is_empty();
+        for (key, placed) in written {
             if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
                 for (id, location) in placed {
                     owned.queue.relocate(id, location);

@@ -37,7 +37,7 @@ use glommio::io::DmaFile;
 use log::{debug, warn};
 use roaring::RoaringTreemap;
 use shards::record;
-use shards::wal::{LoggedIds, LoggedQueue, WalEntry};
+use shards::wal::{self, LoggedIds, LoggedQueue, MessageRecord, WalEntry};
 use shards::{Location, Message, MessageId};
 
 use crate::runtime::log_file::LogWriter;
@@ -171,6 +171,22 @@ pub fn after_synced(mut writers: Writers, callback: impl FnOnce(bool) + 'static)
     }
 }
 
+/// A message record for `queue` and `id` went to the active segment: it is live there.
+fn account_live(segments: &mut VecDeque<Segment>, queue: &LoggedQueue, id: MessageId) {
+    if let Some(active) = segments.back_mut() {
+        // Looked up first: cloning the name costs two refcount updates per record, and the queue
+        // is almost always there already.
+        let live = match active.live.get_mut(queue) {
+            Some(live) => live,
+            None => active.live.entry(queue.clone()).or_default(),
+        };
+        if live.insert(id) {
+            active.live_count += 1;
+            active.enqueued_count += 1;
+        }
+    }
+}
+
 pub fn segment_path(dir: &Path, generation: u64) -> PathBuf {
     dir.join(format!("wal-{generation:016}.log"))
 }
@@ -228,26 +244,45 @@ impl SegmentedWal {
     /// Appends one entry; returns the log that holds it (wait on that one for durability) and
     /// where the record lies.
     pub fn append(self: &Rc<Self>, entry: &WalEntry) -> Appended {
-        let appended = {
-            let mut segments = self.segments.borrow_mut();
-            let Some(active) = segments.back_mut() else {
-                unreachable!("a log always has an active segment");
-            };
-            let Some(writer) = active.writer.clone() else {
-                unreachable!("the newest segment always has a writer");
-            };
-            let len = writer.append_with(|out| entry.encode(out));
-            let location = Location {
-                segment: generation_tag(active.generation),
-                len: u32::try_from(len).unwrap_or(u32::MAX),
-                offset: active.bytes,
-            };
-            active.bytes += len as u64;
-            Appended { writer, location }
-        };
+        let appended = self.append_record(|out| entry.encode(out));
         self.account(entry);
         self.maybe_roll();
         appended
+    }
+
+    /// `append` of an Enqueue or PagedOut record made from borrowed parts, so that logging a
+    /// queued message does not clone it into a `WalEntry` (see `wal::encode_message`).
+    pub fn append_message(
+        self: &Rc<Self>,
+        record: MessageRecord,
+        queue: &LoggedQueue,
+        id: MessageId,
+        message: &Message,
+    ) -> Appended {
+        let appended =
+            self.append_record(|out| wal::encode_message(out, record, queue, id, message));
+        account_live(&mut self.segments.borrow_mut(), queue, id);
+        self.maybe_roll();
+        appended
+    }
+
+    /// Appends one framed record that `encode` writes to the active segment.
+    fn append_record(&self, encode: impl FnOnce(&mut bytes::BytesMut) -> u8) -> Appended {
+        let mut segments = self.segments.borrow_mut();
+        let Some(active) = segments.back_mut() else {
+            unreachable!("a log always has an active segment");
+        };
+        let Some(writer) = active.writer.clone() else {
+            unreachable!("the newest segment always has a writer");
+        };
+        let len = writer.append_with(encode);
+        let location = Location {
+            segment: generation_tag(active.generation),
+            len: u32::try_from(len).unwrap_or(u32::MAX),
+            offset: active.bytes,
+        };
+        active.bytes += len as u64;
+        Appended { writer, location }
     }
 
     /// Runs `callback(ok)` once everything appended so far, in every segment, is durable.
@@ -357,18 +392,7 @@ impl SegmentedWal {
         let mut segments = self.segments.borrow_mut();
         match entry {
             WalEntry::Enqueue { queue, id, .. } | WalEntry::PagedOut { queue, id, .. } => {
-                if let Some(active) = segments.back_mut() {
-                    // Looked up first: cloning the name for `entry` costs two refcount updates
-                    // per record, and the queue is almost always there already.
-                    let live = match active.live.get_mut(queue) {
-                        Some(live) => live,
-                        None => active.live.entry(queue.clone()).or_default(),
-                    };
-                    if live.insert(*id) {
-                        active.live_count += 1;
-                        active.enqueued_count += 1;
-                    }
-                }
+                account_live(&mut segments, queue, *id);
             }
             WalEntry::Settle { queue, ids } => {
                 for id in ids {
