@@ -1113,6 +1113,9 @@ impl ShardBroker {
                     continue;
                 }
                 let queue = logged_queue(key);
+                // A message's size counts 128 bytes of bookkeeping, more than a record's framing
+                // and queue names take in the usual case: room for the whole batch at once.
+                wal.reserve(batch.iter().map(|(_, m)| m.size_bytes()).sum());
                 let mut placed = Vec::with_capacity(batch.len());
                 for (id, message) in batch {
                     wanted = wanted.saturating_sub(message.size_bytes());

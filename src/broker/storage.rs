@@ -266,6 +266,18 @@ impl SegmentedWal {
         appended
     }
 
+    /// Makes room for about `bytes` of records about to be appended (see `LogWriter::reserve`).
+    pub fn reserve(&self, bytes: usize) {
+        if let Some(writer) = self
+            .segments
+            .borrow()
+            .back()
+            .and_then(|s| s.writer.as_ref())
+        {
+            writer.reserve(bytes);
+        }
+    }
+
     /// Appends one framed record that `encode` writes to the active segment.
     fn append_record(&self, encode: impl FnOnce(&mut bytes::BytesMut) -> u8) -> Appended {
         let mut segments = self.segments.borrow_mut();

@@ -82,6 +82,13 @@ impl LogWriter {
         len
     }
 
+    /// Makes room for `additional` more bytes of records at once: a burst of appends (a
+    /// page-out writes up to a quarter of the memory budget in one go) would otherwise grow the
+    /// buffer by doubling it, copying what it holds each time.
+    pub fn reserve(&self, additional: usize) {
+        self.pending.borrow_mut().reserve(additional);
+    }
+
     /// Runs `callback(true)` once everything appended so far is on disk (or `false` if the log
     /// failed).
     pub fn after_sync(&self, callback: impl FnOnce(bool) + 'static) {
