@@ -221,6 +221,10 @@ pub struct Session {
     /// Notified with the writer when output the client may be waiting for is queued (see
     /// `answer_queued`): it ends a coalesced read's wait.
     pub answered: Notify,
+    /// Notified with the writer when a confirm, or a delivery to a prefetch-limited consumer, is
+    /// queued (see `window_answer_queued`): it may end a coalesced read's wait, as the reader
+    /// decides (`connection::driver`).
+    pub window_answered: Notify,
     state: RefCell<State>,
     /// Owners sent a settlement since the last barrier (see `execute`).
     settled_owners: RefCell<Vec<ShardId>>,
@@ -262,6 +266,7 @@ impl Session {
             machine,
             write_wanted,
             answered: Notify::default(),
+            window_answered: Notify::default(),
             state: RefCell::new(State::default()),
             settled_owners: RefCell::new(Vec::new()),
             next_consumer: Cell::new(1),
@@ -302,13 +307,21 @@ impl Session {
         self.answer_queued();
     }
 
-    /// Wakes the writer for output the client may be waiting for (a method, a confirm, a
-    /// delivery it needs before it can ack and get more): a client that streams publishes or
-    /// acks may stop to wait for it, so the connection's coalesced read must not make it wait
-    /// longer (see `connection::driver`).
+    /// Wakes the writer for output the client may be waiting for (a method, a basic.get-ok, a
+    /// return): a client that streams publishes or acks may stop to wait for it, so the
+    /// connection's coalesced read must not make it wait longer (see `connection::driver`).
     fn answer_queued(&self) {
         self.write_wanted.notify();
         self.answered.notify();
+    }
+
+    /// Wakes the writer for output that reopens a client's window: a confirm (a publisher may
+    /// hold a fixed number unconfirmed) or a delivery to a prefetch-limited consumer (its acks
+    /// wait on it). Whether it ends a coalesced read's wait is the reader's choice: a client far
+    /// from its window's end goes on streaming, and it is cheaper to let its messages gather.
+    fn window_answer_queued(&self) {
+        self.write_wanted.notify();
+        self.window_answered.notify();
     }
 
     /// Sends `reply` unless the client asked for no-wait.
@@ -1457,9 +1470,15 @@ impl Session {
                 .map(Confirms::take_acks)
                 .unwrap_or_default()
         });
-        for ack in acks {
-            self.send(channel, ack);
+        if acks.is_empty() {
+            return;
         }
+        let mut machine = self.machine.borrow_mut();
+        for ack in acks {
+            machine.send_method(channel, &ack.into());
+        }
+        drop(machine);
+        self.window_answer_queued();
     }
 }
 
@@ -1650,7 +1669,7 @@ impl Session {
         };
         if mode != CreditMode::Window {
             // Its credit comes back with its acks: the client may stop acking until it has this.
-            self.answer_queued();
+            self.window_answer_queued();
             return;
         }
         self.write_wanted.notify();

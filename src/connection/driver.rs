@@ -26,6 +26,7 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
+use super::coalescing::StreamMeter;
 use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
 use crate::broker::session::Session;
 use crate::broker::shard::ShardBroker;
@@ -88,55 +89,6 @@ impl ReadSize {
         } else if read < asked / 8 {
             self.current = (self.current / 2).max(READ_SIZE_MIN.min(self.max));
         }
-    }
-}
-
-/// Decides which clients stream: they send publishes and settlements (see `Session::is_streamed`)
-/// and nothing else, fast enough that one coalescing interval gathers at least
-/// `STREAMING_COMMANDS_MIN` of them on average. The rate is measured over periods of
-/// `PERIOD_INTERVALS` intervals, so one thin read does not end streaming and a short burst does
-/// not start it.
-struct StreamMeter {
-    interval: Duration,
-    period_start: Instant,
-    /// Streamed commands read in the current period.
-    counted: u64,
-    /// The verdict of the last period.
-    streaming: bool,
-}
-
-const STREAMING_COMMANDS_MIN: u64 = 8;
-const PERIOD_INTERVALS: u32 = 4;
-
-impl StreamMeter {
-    fn new(interval: Duration, now: Instant) -> StreamMeter {
-        StreamMeter {
-            interval,
-            period_start: now,
-            counted: 0,
-            streaming: false,
-        }
-    }
-
-    /// Counts one read's streamed commands; `asked` if it also held something else (the client
-    /// may be waiting for the answer). Returns whether the client streams.
-    fn observe(&mut self, now: Instant, streamed: u64, asked: bool) -> bool {
-        if self.interval.is_zero() || asked {
-            self.period_start = now;
-            self.counted = 0;
-            self.streaming = false;
-            return false;
-        }
-        self.counted += streamed;
-        let elapsed = now.saturating_duration_since(self.period_start);
-        if elapsed >= self.interval * PERIOD_INTERVALS {
-            let intervals = elapsed.as_micros() / self.interval.as_micros();
-            let needed = u128::from(STREAMING_COMMANDS_MIN) * intervals;
-            self.streaming = u128::from(self.counted) >= needed;
-            self.period_start = now;
-            self.counted = 0;
-        }
-        self.streaming
     }
 }
 
@@ -282,15 +234,19 @@ impl Connection {
         let mut streaming = false;
         loop {
             if streaming {
-                // Read coalescing: waking for every few messages costs more CPU than the messages
-                // (a syscall, an executor loop, a TCP ack each). The client streams and waits for
-                // nothing from us, so let its next messages gather; anything it may wait for
-                // (`Session::answer_queued`) ends the wait.
-                futures_lite::future::or(
-                    glommio::timer::sleep(coalesce),
-                    self.session.answered.wait(),
-                )
-                .await;
+                // Read coalescing (`super::coalescing`): the client streams, so let its next
+                // messages gather. An answer it may wait for ends the wait, and so do window
+                // answers unless the meter found holding them does not slow the client.
+                let window_answered = async {
+                    if meter.holds_window_answers() {
+                        futures_lite::future::pending().await
+                    } else {
+                        self.session.window_answered.wait().await
+                    }
+                };
+                let answered =
+                    futures_lite::future::or(self.session.answered.wait(), window_answered);
+                futures_lite::future::or(glommio::timer::sleep(coalesce), answered).await;
             }
             // Back-pressure: stop reading while the client does not read what we send, while
             // our mesh outbox is not draining, or (publishers) while memory is over its limit.
@@ -526,8 +482,7 @@ impl Connection {
 
 #[cfg(test)]
 mod tests {
-    use super::{ReadSize, StreamMeter, READ_SIZE_MIN};
-    use std::time::{Duration, Instant};
+    use super::{ReadSize, READ_SIZE_MIN};
 
     #[test]
     fn read_size_grows_on_full_reads_and_shrinks_on_small_ones() {
@@ -553,71 +508,5 @@ mod tests {
         small.observe(1024, 1024);
         small.observe(1024, 1);
         assert_eq!(small.next(), 1024);
-    }
-
-    /// Feeds `meter` one read of `per_read` streamed commands every `every`, `reads` times;
-    /// returns the last verdict and the time after the last read.
-    fn stream(
-        meter: &mut StreamMeter,
-        mut now: Instant,
-        every: Duration,
-        per_read: u64,
-        reads: u32,
-    ) -> (bool, Instant) {
-        let mut streaming = false;
-        for _ in 0..reads {
-            now += every;
-            streaming = meter.observe(now, per_read, false);
-        }
-        (streaming, now)
-    }
-
-    const INTERVAL: Duration = Duration::from_micros(1000);
-
-    #[test]
-    fn a_client_streaming_above_the_rate_streams_after_one_period() {
-        let start = Instant::now();
-        let mut meter = StreamMeter::new(INTERVAL, start);
-        // 4 commands every 250 µs: 16 per interval.
-        let every = Duration::from_micros(250);
-        let (streaming, _) = stream(&mut meter, start, every, 4, 15);
-        assert!(!streaming, "no verdict before a whole period");
-        let (streaming, now) = stream(&mut meter, start + every * 15, every, 4, 1);
-        assert!(streaming);
-        // One thin read does not end it; the next period's verdict does.
-        assert!(meter.observe(now + every, 1, false));
-        let (streaming, _) = stream(&mut meter, now + every, INTERVAL, 1, 8);
-        assert!(!streaming, "1 command per interval is not streaming");
-    }
-
-    #[test]
-    fn a_slow_client_or_a_burst_after_idling_does_not_stream() {
-        let start = Instant::now();
-        let mut meter = StreamMeter::new(INTERVAL, start);
-        // 5,000 messages a second, one per read: 5 per interval.
-        let (streaming, now) = stream(&mut meter, start, Duration::from_micros(200), 1, 100);
-        assert!(!streaming);
-        // 50 at once after 20 ms of silence: 2.5 per interval over the period.
-        assert!(!meter.observe(now + Duration::from_millis(20), 50, false));
-    }
-
-    #[test]
-    fn anything_but_publishes_and_acks_ends_streaming() {
-        let start = Instant::now();
-        let mut meter = StreamMeter::new(INTERVAL, start);
-        let every = Duration::from_micros(100);
-        let (streaming, now) = stream(&mut meter, start, every, 10, 50);
-        assert!(streaming);
-        assert!(!meter.observe(now + every, 10, true));
-        let (streaming, _) = stream(&mut meter, now + every, every, 10, 39);
-        assert!(!streaming, "a new period must pass first");
-    }
-
-    #[test]
-    fn a_zero_interval_never_streams() {
-        let start = Instant::now();
-        let mut meter = StreamMeter::new(Duration::ZERO, start);
-        let (streaming, _) = stream(&mut meter, start, Duration::from_micros(10), 100, 1000);
-        assert!(!streaming);
     }
 }

@@ -1,0 +1,308 @@
+//! Read coalescing: which clients stream, and what ends the wait before their next read.
+//!
+//! A shard that reads a socket as soon as anything arrives wakes for every few messages, and each
+//! read costs a syscall, an executor loop and a TCP ack. A client that streams publishes or acks
+//! (and nothing else) is read at most once per `connection.read_coalesce_us` instead, unless
+//! something it may be waiting for goes out first.
+//!
+//! Two kinds of output can end the wait. Answers to requests always do. Window answers (confirms,
+//! deliveries to a prefetch-limited consumer) reopen a window the client may or may not have
+//! filled: a publisher with 1,000 unconfirmed allowed and 130 sent per interval never waits for
+//! them, and reading it once per interval halves the broker's CPU per message; one allowed 10
+//! stops after 10 and would be held to 10 per interval. Which one a client is does not show in
+//! its reads, so the meter measures it: streaming, it runs one period with window answers holding
+//! the wait and one ending it, keeps the mode with the better rate (holding unless it is more than
+//! a tenth slower), and measures again every `PROBE_EVERY_PERIODS` periods. A probe that holds
+//! ends after one interval if the client has slowed by then, so a client that waits on its
+//! window is held back for one interval in every 65 periods.
+//!
+//! Invariants: the wait is always bounded by one interval; any command other than a publish or
+//! an ack starts the meter over (not streaming, window answers ending the wait).
+
+use std::time::{Duration, Instant};
+
+/// Decides which clients stream: they send publishes and settlements (see `Session::is_streamed`)
+/// and nothing else, fast enough that one coalescing interval gathers at least
+/// `STREAMING_COMMANDS_MIN` of them on average. The rate is measured over periods of
+/// `PERIOD_INTERVALS` intervals, so one thin read does not end streaming and a short burst does
+/// not start it. It also decides whether window answers end the wait (see the module docs).
+pub struct StreamMeter {
+    interval: Duration,
+    period_start: Instant,
+    /// Streamed commands read in the current period.
+    counted: u64,
+    /// The verdict of the last period.
+    streaming: bool,
+    /// Whether window answers leave the wait alone in the current period.
+    hold_window_answers: bool,
+    /// While probing: the commands and length of the period before, run in the other mode.
+    probe_from: Option<(u64, Duration)>,
+    /// Streaming periods left before the next probe.
+    periods_to_probe: u32,
+}
+
+const STREAMING_COMMANDS_MIN: u64 = 8;
+const PERIOD_INTERVALS: u32 = 4;
+/// Streaming periods between two probes: with the default interval, a probe every ~260 ms, so
+/// a wrong mode costs at most one period in 65.
+const PROBE_EVERY_PERIODS: u32 = 64;
+
+impl StreamMeter {
+    pub fn new(interval: Duration, now: Instant) -> StreamMeter {
+        StreamMeter {
+            interval,
+            period_start: now,
+            counted: 0,
+            streaming: false,
+            hold_window_answers: false,
+            probe_from: None,
+            periods_to_probe: 1,
+        }
+    }
+
+    /// Counts one read's streamed commands; `asked` if it also held something else (the client
+    /// may be waiting for the answer). Returns whether the client streams.
+    pub fn observe(&mut self, now: Instant, streamed: u64, asked: bool) -> bool {
+        if self.interval.is_zero() || asked {
+            *self = StreamMeter::new(self.interval, now);
+            return false;
+        }
+        self.counted += streamed;
+        let elapsed = now.saturating_duration_since(self.period_start);
+        if elapsed >= self.interval * PERIOD_INTERVALS {
+            let intervals = elapsed.as_micros() / self.interval.as_micros();
+            let needed = u128::from(STREAMING_COMMANDS_MIN) * intervals;
+            self.streaming = u128::from(self.counted) >= needed;
+            self.choose_mode(self.counted, elapsed);
+            self.period_start = now;
+            self.counted = 0;
+        } else if elapsed >= self.interval && self.holding_slows_the_probe(elapsed) {
+            // A client held back by its window shows it after one interval: release it now
+            // rather than hold it for the rest of the period.
+            self.probe_from = None;
+            self.hold_window_answers = false;
+            self.periods_to_probe = PROBE_EVERY_PERIODS;
+        }
+        self.streaming
+    }
+
+    /// Whether a confirm or a prefetch-limited delivery leaves a coalesced read's wait alone.
+    pub fn holds_window_answers(&self) -> bool {
+        self.hold_window_answers
+    }
+
+    /// Whether a probe that holds window answers has been more than a tenth slower so far
+    /// than the period before it.
+    fn holding_slows_the_probe(&self, elapsed: Duration) -> bool {
+        match self.probe_from {
+            Some(before) if self.hold_window_answers => {
+                rate_times((self.counted, elapsed), before.1) * 10 < rate_times(before, elapsed) * 9
+            }
+            _ => false,
+        }
+    }
+
+    /// At the end of a period of `counted` commands over `elapsed`: settles a probe, or starts
+    /// one (the next period in the other mode) when it is due.
+    fn choose_mode(&mut self, counted: u64, elapsed: Duration) {
+        if let Some(before) = self.probe_from.take() {
+            let now = (counted, elapsed);
+            let (held, released) = if self.hold_window_answers {
+                (now, before)
+            } else {
+                (before, now)
+            };
+            // Holding costs less CPU per message: keep it unless it is more than a tenth slower.
+            self.hold_window_answers =
+                rate_times(held, released.1) * 10 >= rate_times(released, held.1) * 9;
+            self.periods_to_probe = PROBE_EVERY_PERIODS;
+        } else if self.streaming {
+            self.periods_to_probe = self.periods_to_probe.saturating_sub(1);
+            if self.periods_to_probe == 0 {
+                self.probe_from = Some((counted, elapsed));
+                self.hold_window_answers = !self.hold_window_answers;
+            }
+        }
+    }
+}
+
+/// `commands` over `over`, scaled by `scale`: two rates compare as `rate_times(a, b.1)` against
+/// `rate_times(b, a.1)` without division.
+fn rate_times((commands, _over): (u64, Duration), scale: Duration) -> u128 {
+    u128::from(commands) * scale.as_micros()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{StreamMeter, PERIOD_INTERVALS, PROBE_EVERY_PERIODS};
+    use std::time::{Duration, Instant};
+
+    /// Feeds `meter` one read of `per_read` streamed commands every `every`, `reads` times;
+    /// returns the last verdict and the time after the last read.
+    fn stream(
+        meter: &mut StreamMeter,
+        mut now: Instant,
+        every: Duration,
+        per_read: u64,
+        reads: u32,
+    ) -> (bool, Instant) {
+        let mut streaming = false;
+        for _ in 0..reads {
+            now += every;
+            streaming = meter.observe(now, per_read, false);
+        }
+        (streaming, now)
+    }
+
+    const INTERVAL: Duration = Duration::from_micros(1000);
+
+    #[test]
+    fn a_client_streaming_above_the_rate_streams_after_one_period() {
+        let start = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, start);
+        // 4 commands every 250 µs: 16 per interval.
+        let every = Duration::from_micros(250);
+        let (streaming, _) = stream(&mut meter, start, every, 4, 15);
+        assert!(!streaming, "no verdict before a whole period");
+        let (streaming, now) = stream(&mut meter, start + every * 15, every, 4, 1);
+        assert!(streaming);
+        // One thin read does not end it; the next period's verdict does.
+        assert!(meter.observe(now + every, 1, false));
+        let (streaming, _) = stream(&mut meter, now + every, INTERVAL, 1, 8);
+        assert!(!streaming, "1 command per interval is not streaming");
+    }
+
+    #[test]
+    fn a_slow_client_or_a_burst_after_idling_does_not_stream() {
+        let start = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, start);
+        // 5,000 messages a second, one per read: 5 per interval.
+        let (streaming, now) = stream(&mut meter, start, Duration::from_micros(200), 1, 100);
+        assert!(!streaming);
+        // 50 at once after 20 ms of silence: 2.5 per interval over the period.
+        assert!(!meter.observe(now + Duration::from_millis(20), 50, false));
+    }
+
+    #[test]
+    fn anything_but_publishes_and_acks_ends_streaming() {
+        let start = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, start);
+        let every = Duration::from_micros(100);
+        let (streaming, now) = stream(&mut meter, start, every, 10, 50);
+        assert!(streaming);
+        assert!(!meter.observe(now + every, 10, true));
+        assert!(!meter.holds_window_answers(), "the probe starts over too");
+        let (streaming, _) = stream(&mut meter, now + every, every, 10, 39);
+        assert!(!streaming, "a new period must pass first");
+    }
+
+    #[test]
+    fn a_zero_interval_never_streams() {
+        let start = Instant::now();
+        let mut meter = StreamMeter::new(Duration::ZERO, start);
+        let (streaming, _) = stream(&mut meter, start, Duration::from_micros(10), 100, 1000);
+        assert!(!streaming);
+    }
+
+    /// Runs one period of `per_interval` commands, read once per interval; returns the mode the
+    /// meter chose for the next one.
+    fn period(meter: &mut StreamMeter, now: &mut Instant, per_interval: u64) -> bool {
+        let (_, end) = stream(meter, *now, INTERVAL, per_interval, PERIOD_INTERVALS);
+        *now = end;
+        meter.holds_window_answers()
+    }
+
+    /// A client whose rate depends on the mode: `released` commands per interval while window
+    /// answers end the wait, `held` while they do not. Returns the modes of `periods` periods.
+    fn modes(released: u64, held: u64, periods: u32) -> Vec<bool> {
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        let mut modes = Vec::new();
+        for _ in 0..periods {
+            let rate = if meter.holds_window_answers() {
+                held
+            } else {
+                released
+            };
+            modes.push(period(&mut meter, &mut now, rate));
+        }
+        modes
+    }
+
+    #[test]
+    fn a_client_far_from_its_window_is_held_after_one_probe() {
+        // A wide confirm window: as fast or faster when its reads gather.
+        let modes = modes(100, 130, 3 * PROBE_EVERY_PERIODS);
+        assert!(modes[0], "after the first streaming period, a probe holds");
+        assert!(modes[1], "holding was not slower: kept");
+        let released = modes.iter().filter(|hold| !**hold).count();
+        assert!(
+            released <= 3,
+            "one probe of the other mode per round: {released}"
+        );
+    }
+
+    #[test]
+    fn a_client_held_back_by_its_window_is_released_after_one_probe() {
+        // A window of 10 per read: 380 per interval answered at once, 10 held.
+        let modes = modes(380, 10, 3 * PROBE_EVERY_PERIODS);
+        assert!(modes[0], "the probe");
+        assert!(!modes[1], "holding was slower: released");
+        let held = modes.iter().filter(|hold| **hold).count();
+        assert!(held <= 3, "one probe per round: {held}");
+    }
+
+    #[test]
+    fn a_probe_that_holds_ends_after_one_interval_if_the_client_slows() {
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        assert!(period(&mut meter, &mut now, 380), "the probe holds");
+        now += INTERVAL / 2;
+        assert!(meter.observe(now, 5, false));
+        assert!(
+            meter.holds_window_answers(),
+            "less than an interval: no verdict yet"
+        );
+        now += INTERVAL / 2;
+        meter.observe(now, 5, false);
+        assert!(
+            !meter.holds_window_answers(),
+            "10 in an interval against 380: released"
+        );
+        // The next probe comes a whole round later (the rest of this period is its first).
+        let (_, end) = stream(&mut meter, now, INTERVAL, 380, PERIOD_INTERVALS - 1);
+        now = end;
+        for _ in 0..PROBE_EVERY_PERIODS - 2 {
+            assert!(!period(&mut meter, &mut now, 380));
+        }
+        assert!(period(&mut meter, &mut now, 380), "the next probe");
+    }
+
+    #[test]
+    fn a_probe_that_holds_a_fast_client_runs_its_whole_period() {
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        assert!(period(&mut meter, &mut now, 100));
+        for _ in 0..PERIOD_INTERVALS {
+            now += INTERVAL;
+            meter.observe(now, 130, false);
+            assert!(meter.holds_window_answers());
+        }
+    }
+
+    #[test]
+    fn holding_is_kept_within_a_tenth_of_the_released_rate() {
+        assert!(modes(100, 91, 2)[1], "9% slower: still held");
+        assert!(!modes(100, 89, 2)[1], "11% slower: released");
+    }
+
+    #[test]
+    fn a_probe_that_stops_streaming_still_decides() {
+        // Held, a window of 5 falls under the streaming rate; the probe must still release it.
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        assert!(period(&mut meter, &mut now, 100));
+        assert!(!period(&mut meter, &mut now, 5));
+        assert!(!meter.streaming, "the held period was not streaming");
+    }
+}
