@@ -13,8 +13,10 @@
 //! its reads, so the meter measures it: streaming, it runs one period with window answers holding
 //! the wait and one ending it, keeps the mode with the better rate (holding unless it is more than
 //! a tenth slower), and measures again every `PROBE_EVERY_PERIODS` periods. A probe that holds
-//! ends after one interval if the client has slowed by then, so a client that waits on its
-//! window is held back for one interval in every 65 periods.
+//! ends once an interval's messages are read if the client has slowed, so a client that waits on
+//! its window is held back for about one interval in every 65 periods. A period can be slow for
+//! reasons of its own (the shard paging, the host), so a release is probed again after 8
+//! periods, then 16 and 32 while probes keep releasing.
 //!
 //! Invariants: the wait is always bounded by one interval; any command other than a publish or
 //! an ack starts the meter over (not streaming, window answers ending the wait).
@@ -39,13 +41,19 @@ pub struct StreamMeter {
     probe_from: Option<(u64, Duration)>,
     /// Streaming periods left before the next probe.
     periods_to_probe: u32,
+    /// Probes in a row that released window answers (see `probe_gap`).
+    releases_in_a_row: u32,
 }
 
 const STREAMING_COMMANDS_MIN: u64 = 8;
 const PERIOD_INTERVALS: u32 = 4;
-/// Streaming periods between two probes: with the default interval, a probe every ~260 ms, so
-/// a wrong mode costs at most one period in 65.
+/// Streaming periods between two probes once a mode has been confirmed: with the default
+/// interval, a probe every ~260 ms.
 const PROBE_EVERY_PERIODS: u32 = 64;
+/// Periods before the probe after a first release: a period can be slow for reasons of its own
+/// (the shard paging, the host), so a release is checked again soon, then less often while the
+/// probes keep releasing.
+const RECHECK_RELEASE_PERIODS: u32 = 8;
 
 impl StreamMeter {
     pub fn new(interval: Duration, now: Instant) -> StreamMeter {
@@ -57,12 +65,15 @@ impl StreamMeter {
             hold_window_answers: false,
             probe_from: None,
             periods_to_probe: 1,
+            releases_in_a_row: 0,
         }
     }
 
     /// Counts one read's streamed commands; `asked` if it also held something else (the client
-    /// may be waiting for the answer). Returns whether the client streams.
-    pub fn observe(&mut self, now: Instant, streamed: u64, asked: bool) -> bool {
+    /// may be waiting for the answer), `drained` if it emptied the socket (a read that filled
+    /// its buffer leaves more waiting). Returns whether to wait before the next read: the
+    /// client streams and nothing is known to be waiting.
+    pub fn observe(&mut self, now: Instant, streamed: u64, asked: bool, drained: bool) -> bool {
         if self.interval.is_zero() || asked {
             *self = StreamMeter::new(self.interval, now);
             return false;
@@ -76,14 +87,13 @@ impl StreamMeter {
             self.choose_mode(self.counted, elapsed);
             self.period_start = now;
             self.counted = 0;
-        } else if elapsed >= self.interval && self.holding_slows_the_probe(elapsed) {
-            // A client held back by its window shows it after one interval: release it now
-            // rather than hold it for the rest of the period.
+        } else if drained && elapsed >= self.interval && self.holding_slows_the_probe(elapsed) {
+            // A client held back by its window shows it once an interval's messages are read:
+            // release it now rather than hold it for the rest of the period.
             self.probe_from = None;
-            self.hold_window_answers = false;
-            self.periods_to_probe = PROBE_EVERY_PERIODS;
+            self.settle(false);
         }
-        self.streaming
+        self.streaming && drained
     }
 
     /// Whether a confirm or a prefetch-limited delivery leaves a coalesced read's wait alone.
@@ -113,9 +123,7 @@ impl StreamMeter {
                 (before, now)
             };
             // Holding costs less CPU per message: keep it unless it is more than a tenth slower.
-            self.hold_window_answers =
-                rate_times(held, released.1) * 10 >= rate_times(released, held.1) * 9;
-            self.periods_to_probe = PROBE_EVERY_PERIODS;
+            self.settle(rate_times(held, released.1) * 10 >= rate_times(released, held.1) * 9);
         } else if self.streaming {
             self.periods_to_probe = self.periods_to_probe.saturating_sub(1);
             if self.periods_to_probe == 0 {
@@ -124,6 +132,26 @@ impl StreamMeter {
             }
         }
     }
+
+    /// Ends a probe in mode `hold` and schedules the next one.
+    fn settle(&mut self, hold: bool) {
+        self.hold_window_answers = hold;
+        if hold {
+            self.releases_in_a_row = 0;
+            self.periods_to_probe = PROBE_EVERY_PERIODS;
+        } else {
+            self.periods_to_probe = probe_gap(self.releases_in_a_row);
+            self.releases_in_a_row = self.releases_in_a_row.saturating_add(1);
+        }
+    }
+}
+
+/// Periods before the next probe after `earlier` releases in a row and one more: 8, 16, 32,
+/// then `PROBE_EVERY_PERIODS`.
+fn probe_gap(earlier: u32) -> u32 {
+    RECHECK_RELEASE_PERIODS
+        .saturating_mul(1 << earlier.min(3))
+        .min(PROBE_EVERY_PERIODS)
 }
 
 /// `commands` over `over`, scaled by `scale`: two rates compare as `rate_times(a, b.1)` against
@@ -134,7 +162,7 @@ fn rate_times((commands, _over): (u64, Duration), scale: Duration) -> u128 {
 
 #[cfg(test)]
 mod tests {
-    use super::{StreamMeter, PERIOD_INTERVALS, PROBE_EVERY_PERIODS};
+    use super::{StreamMeter, PERIOD_INTERVALS, PROBE_EVERY_PERIODS, RECHECK_RELEASE_PERIODS};
     use std::time::{Duration, Instant};
 
     /// Feeds `meter` one read of `per_read` streamed commands every `every`, `reads` times;
@@ -149,7 +177,7 @@ mod tests {
         let mut streaming = false;
         for _ in 0..reads {
             now += every;
-            streaming = meter.observe(now, per_read, false);
+            streaming = meter.observe(now, per_read, false, true);
         }
         (streaming, now)
     }
@@ -166,8 +194,12 @@ mod tests {
         assert!(!streaming, "no verdict before a whole period");
         let (streaming, now) = stream(&mut meter, start + every * 15, every, 4, 1);
         assert!(streaming);
+        assert!(
+            !meter.observe(now, 0, false, false),
+            "after a full read, more is waiting: no wait"
+        );
         // One thin read does not end it; the next period's verdict does.
-        assert!(meter.observe(now + every, 1, false));
+        assert!(meter.observe(now + every, 1, false, true));
         let (streaming, _) = stream(&mut meter, now + every, INTERVAL, 1, 8);
         assert!(!streaming, "1 command per interval is not streaming");
     }
@@ -180,7 +212,7 @@ mod tests {
         let (streaming, now) = stream(&mut meter, start, Duration::from_micros(200), 1, 100);
         assert!(!streaming);
         // 50 at once after 20 ms of silence: 2.5 per interval over the period.
-        assert!(!meter.observe(now + Duration::from_millis(20), 50, false));
+        assert!(!meter.observe(now + Duration::from_millis(20), 50, false, true));
     }
 
     #[test]
@@ -190,7 +222,7 @@ mod tests {
         let every = Duration::from_micros(100);
         let (streaming, now) = stream(&mut meter, start, every, 10, 50);
         assert!(streaming);
-        assert!(!meter.observe(now + every, 10, true));
+        assert!(!meter.observe(now + every, 10, true, true));
         assert!(!meter.holds_window_answers(), "the probe starts over too");
         let (streaming, _) = stream(&mut meter, now + every, every, 10, 39);
         assert!(!streaming, "a new period must pass first");
@@ -245,11 +277,36 @@ mod tests {
     #[test]
     fn a_client_held_back_by_its_window_is_released_after_one_probe() {
         // A window of 10 per read: 380 per interval answered at once, 10 held.
-        let modes = modes(380, 10, 3 * PROBE_EVERY_PERIODS);
+        let modes = modes(380, 10, 4 * PROBE_EVERY_PERIODS);
         assert!(modes[0], "the probe");
         assert!(!modes[1], "holding was slower: released");
-        let held = modes.iter().filter(|hold| **hold).count();
-        assert!(held <= 3, "one probe per round: {held}");
+        // Probes again after 8, 16, 32, then every 64 periods while they keep releasing.
+        let probes: Vec<usize> = (0..modes.len()).filter(|&i| modes[i]).collect();
+        let gaps: Vec<usize> = probes.windows(2).map(|w| w[1] - w[0]).collect();
+        assert_eq!(gaps, [8, 16, 32, 64, 64, 64], "probes at {probes:?}");
+    }
+
+    #[test]
+    fn a_release_from_one_slow_period_is_checked_again_soon() {
+        // A client that gains from holding, with one slow period (the shard paging) in the
+        // first probe's place.
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        assert!(period(&mut meter, &mut now, 100), "the probe holds");
+        assert!(!period(&mut meter, &mut now, 20), "a slow period: released");
+        // Released after its first interval: the rest of that period is the first of 8.
+        for _ in 0..RECHECK_RELEASE_PERIODS - 2 {
+            assert!(!period(&mut meter, &mut now, 100));
+        }
+        assert!(period(&mut meter, &mut now, 100), "checked again");
+        assert!(period(&mut meter, &mut now, 130), "held");
+        for _ in 0..PROBE_EVERY_PERIODS - 1 {
+            assert!(period(&mut meter, &mut now, 130));
+        }
+        assert!(
+            !period(&mut meter, &mut now, 130),
+            "the next probe, a round later"
+        );
     }
 
     #[test]
@@ -258,21 +315,26 @@ mod tests {
         let mut meter = StreamMeter::new(INTERVAL, now);
         assert!(period(&mut meter, &mut now, 380), "the probe holds");
         now += INTERVAL / 2;
-        assert!(meter.observe(now, 5, false));
+        assert!(meter.observe(now, 5, false, true));
         assert!(
             meter.holds_window_answers(),
             "less than an interval: no verdict yet"
         );
-        now += INTERVAL / 2;
-        meter.observe(now, 5, false);
+        now += INTERVAL;
+        meter.observe(now, 5, false, false);
+        assert!(
+            meter.holds_window_answers(),
+            "a full read: more is waiting, no verdict yet"
+        );
+        meter.observe(now, 5, false, true);
         assert!(
             !meter.holds_window_answers(),
-            "10 in an interval against 380: released"
+            "15 in 1.5 intervals against 380 in one: released"
         );
-        // The next probe comes a whole round later (the rest of this period is its first).
+        // The next probe comes 8 periods later (the rest of this period is the first).
         let (_, end) = stream(&mut meter, now, INTERVAL, 380, PERIOD_INTERVALS - 1);
         now = end;
-        for _ in 0..PROBE_EVERY_PERIODS - 2 {
+        for _ in 0..RECHECK_RELEASE_PERIODS - 2 {
             assert!(!period(&mut meter, &mut now, 380));
         }
         assert!(period(&mut meter, &mut now, 380), "the next probe");
@@ -285,7 +347,7 @@ mod tests {
         assert!(period(&mut meter, &mut now, 100));
         for _ in 0..PERIOD_INTERVALS {
             now += INTERVAL;
-            meter.observe(now, 130, false);
+            meter.observe(now, 130, false, true);
             assert!(meter.holds_window_answers());
         }
     }

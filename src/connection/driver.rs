@@ -316,7 +316,7 @@ impl Connection {
             }
             asked_something |= self.machine.borrow_mut().take_answered_itself();
             // After a full read more is waiting already: read it at once.
-            streaming = meter.observe(now, streamed, asked_something) && read < asked;
+            streaming = meter.observe(now, streamed, asked_something, read < asked);
             if !self.machine.borrow_mut().outbound().is_empty() {
                 self.write_wanted.notify();
             }
