@@ -114,21 +114,27 @@ async fn an_error_after_streaming_closes_only_its_channel() {
     assert_eq!(count, 20_000);
 }
 
-#[tokio::test]
-async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
-    // Its acks stream, but each ack it sends waits on the delivery before it: if the deliveries
-    // did not end the interval, the consumer would wait whole intervals for its next messages.
-    const MESSAGES: usize = 40_000;
-    let broker = Broker::start_with_config(COALESCE_100_MS);
-    let (_pc, publisher) = lapin_channel(&broker).await;
-    let (_cc, consumer_channel) = lapin_channel(&broker).await;
+const LIMITED_MESSAGES: usize = 40_000;
+
+/// Fills queue "limited" through a connection of its own.
+async fn fill_limited(broker: &Broker) {
+    let (_connection, publisher) = lapin_channel(broker).await;
     declare(&publisher, "limited").await;
-    stream_publishes(&publisher, "limited", MESSAGES).await;
-    consumer_channel
+    stream_publishes(&publisher, "limited", LIMITED_MESSAGES).await;
+    assert_eq!(
+        declare(&publisher, "limited").await as usize,
+        LIMITED_MESSAGES
+    );
+}
+
+/// Consumes "limited" on `channel` with a prefetch of 5, acking each message, for
+/// `RUN_AT_LEAST` (or until it is empty); returns the waits for a delivery of `STALL` or more.
+async fn consume_limited(channel: &Channel) -> Vec<Duration> {
+    channel
         .basic_qos(5, BasicQosOptions::default())
         .await
         .unwrap();
-    let mut consumer = consumer_channel
+    let mut consumer = channel
         .basic_consume(
             "limited".into(),
             "c".into(),
@@ -139,7 +145,7 @@ async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
         .unwrap();
     let mut stalls = Vec::new();
     let started = Instant::now();
-    for i in 0..MESSAGES {
+    for i in 0..LIMITED_MESSAGES {
         if i % 1000 == 0 && started.elapsed() >= RUN_AT_LEAST {
             break;
         }
@@ -155,9 +161,58 @@ async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
         assert_eq!(delivery.data, format!("m-{i}").into_bytes());
         delivery.ack(BasicAckOptions::default()).await.unwrap();
     }
+    stalls
+}
+
+#[tokio::test]
+async fn a_consumer_with_a_prefetch_limit_is_not_held_back() {
+    // Its acks stream, but each ack it sends waits on the delivery before it: if the deliveries
+    // did not end the interval, the consumer would wait whole intervals for its next messages.
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    fill_limited(&broker).await;
+    let (_connection, channel) = lapin_channel(&broker).await;
+    let stalls = consume_limited(&channel).await;
     assert!(
         stalls.len() <= STALLS_MAX,
         "{} deliveries waited {STALL:?} or more: {stalls:?}",
+        stalls.len()
+    );
+}
+
+#[tokio::test]
+async fn a_limited_consumer_beside_a_busy_publisher_on_its_connection_is_not_held_back() {
+    // The publisher, in confirm mode without a window, gains from holding window answers; the
+    // consumer's prefetch of 5 would be held to 5 deliveries per interval. The broker must tell
+    // them apart.
+    let broker = Broker::start_with_config(COALESCE_100_MS);
+    fill_limited(&broker).await;
+    let (connection, consumer_channel) = lapin_channel(&broker).await;
+    let publisher = connection.create_channel().await.expect("a second channel");
+    publisher
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    declare(&publisher, "busy").await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let publishing = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            // No window at all: it never waits for its confirms.
+            let mut published = 0;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                drop(lapin_publish(&publisher, "", "busy", b"busy").await);
+                published += 1;
+            }
+            published
+        }
+    });
+    let stalls = consume_limited(&consumer_channel).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let published = publishing.await.expect("the publisher");
+    assert!(published > 0);
+    assert!(
+        stalls.len() <= STALLS_MAX,
+        "{} deliveries waited {STALL:?} or more beside {published} publishes: {stalls:?}",
         stalls.len()
     );
 }

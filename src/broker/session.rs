@@ -223,7 +223,7 @@ pub struct Session {
     pub answered: Notify,
     /// Notified with the writer when a confirm, or a delivery to a prefetch-limited consumer, is
     /// queued (see `window_answer_queued`): it may end a coalesced read's wait, as the reader
-    /// decides (`connection::driver`).
+    /// decides (`connection::coalescing`).
     pub window_answered: Notify,
     state: RefCell<State>,
     /// Owners sent a settlement since the last barrier (see `execute`).

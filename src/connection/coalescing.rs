@@ -11,8 +11,8 @@
 //! them, and reading it once per interval halves the broker's CPU per message; one allowed 10
 //! stops after 10 and would be held to 10 per interval. Which one a client is does not show in
 //! its reads, so the meter measures it: streaming, it runs one period with window answers holding
-//! the wait and one ending it, keeps the mode with the better rate (holding unless it is more than
-//! a tenth slower), and measures again every `PROBE_EVERY_PERIODS` periods. A probe that holds
+//! the wait and one ending it, keeps the mode with the better rate (holding unless publishes or
+//! settlements, counted apart, went more than a tenth slower), and measures again every `PROBE_EVERY_PERIODS` periods. A probe that holds
 //! ends once an interval's messages are read if the client has slowed, so a client that waits on
 //! its window is held back for about one interval in every 65 periods. A period can be slow for
 //! reasons of its own (the shard paging, the host), so a release is probed again after 8
@@ -32,17 +32,45 @@ pub struct StreamMeter {
     interval: Duration,
     period_start: Instant,
     /// Streamed commands read in the current period.
-    counted: u64,
+    counted: Streamed,
     /// The verdict of the last period.
     streaming: bool,
     /// Whether window answers leave the wait alone in the current period.
     hold_window_answers: bool,
     /// While probing: the commands and length of the period before, run in the other mode.
-    probe_from: Option<(u64, Duration)>,
+    probe_from: Option<(Streamed, Duration)>,
     /// Streaming periods left before the next probe.
     periods_to_probe: u32,
     /// Probes in a row that released window answers (see `probe_gap`).
     releases_in_a_row: u32,
+}
+
+/// Streamed commands of one read or one period, by kind: a connection may publish and consume
+/// at once, and holding window answers may slow one kind while the other goes on.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Streamed {
+    pub publishes: u64,
+    /// Acks, nacks and rejects.
+    pub settlements: u64,
+}
+
+impl Streamed {
+    pub fn count(&mut self, publish: bool) {
+        if publish {
+            self.publishes += 1;
+        } else {
+            self.settlements += 1;
+        }
+    }
+
+    fn total(self) -> u64 {
+        self.publishes + self.settlements
+    }
+
+    fn add(&mut self, other: Streamed) {
+        self.publishes += other.publishes;
+        self.settlements += other.settlements;
+    }
 }
 
 const STREAMING_COMMANDS_MIN: u64 = 8;
@@ -60,7 +88,7 @@ impl StreamMeter {
         StreamMeter {
             interval,
             period_start: now,
-            counted: 0,
+            counted: Streamed::default(),
             streaming: false,
             hold_window_answers: false,
             probe_from: None,
@@ -73,20 +101,26 @@ impl StreamMeter {
     /// may be waiting for the answer), `drained` if it emptied the socket (a read that filled
     /// its buffer leaves more waiting). Returns whether to wait before the next read: the
     /// client streams and nothing is known to be waiting.
-    pub fn observe(&mut self, now: Instant, streamed: u64, asked: bool, drained: bool) -> bool {
+    pub fn observe(
+        &mut self,
+        now: Instant,
+        streamed: Streamed,
+        asked: bool,
+        drained: bool,
+    ) -> bool {
         if self.interval.is_zero() || asked {
             *self = StreamMeter::new(self.interval, now);
             return false;
         }
-        self.counted += streamed;
+        self.counted.add(streamed);
         let elapsed = now.saturating_duration_since(self.period_start);
         if elapsed >= self.interval * PERIOD_INTERVALS {
             let intervals = elapsed.as_micros() / self.interval.as_micros();
             let needed = u128::from(STREAMING_COMMANDS_MIN) * intervals;
-            self.streaming = u128::from(self.counted) >= needed;
+            self.streaming = u128::from(self.counted.total()) >= needed;
             self.choose_mode(self.counted, elapsed);
             self.period_start = now;
-            self.counted = 0;
+            self.counted = Streamed::default();
         } else if drained && elapsed >= self.interval && self.holding_slows_the_probe(elapsed) {
             // A client held back by its window shows it once an interval's messages are read:
             // release it now rather than hold it for the rest of the period.
@@ -101,20 +135,18 @@ impl StreamMeter {
         self.hold_window_answers
     }
 
-    /// Whether a probe that holds window answers has been more than a tenth slower so far
-    /// than the period before it.
+    /// Whether a probe that holds window answers has been slower so far than the period before
+    /// it (see `keeps_up`).
     fn holding_slows_the_probe(&self, elapsed: Duration) -> bool {
         match self.probe_from {
-            Some(before) if self.hold_window_answers => {
-                rate_times((self.counted, elapsed), before.1) * 10 < rate_times(before, elapsed) * 9
-            }
+            Some(before) if self.hold_window_answers => !keeps_up((self.counted, elapsed), before),
             _ => false,
         }
     }
 
     /// At the end of a period of `counted` commands over `elapsed`: settles a probe, or starts
     /// one (the next period in the other mode) when it is due.
-    fn choose_mode(&mut self, counted: u64, elapsed: Duration) {
+    fn choose_mode(&mut self, counted: Streamed, elapsed: Duration) {
         if let Some(before) = self.probe_from.take() {
             let now = (counted, elapsed);
             let (held, released) = if self.hold_window_answers {
@@ -122,8 +154,7 @@ impl StreamMeter {
             } else {
                 (before, now)
             };
-            // Holding costs less CPU per message: keep it unless it is more than a tenth slower.
-            self.settle(rate_times(held, released.1) * 10 >= rate_times(released, held.1) * 9);
+            self.settle(keeps_up(held, released));
         } else if self.streaming {
             self.periods_to_probe = self.periods_to_probe.saturating_sub(1);
             if self.periods_to_probe == 0 {
@@ -154,16 +185,37 @@ fn probe_gap(earlier: u32) -> u32 {
         .min(PROBE_EVERY_PERIODS)
 }
 
-/// `commands` over `over`, scaled by `scale`: two rates compare as `rate_times(a, b.1)` against
-/// `rate_times(b, a.1)` without division.
-fn rate_times((commands, _over): (u64, Duration), scale: Duration) -> u128 {
-    u128::from(commands) * scale.as_micros()
+/// Whether the client kept up while window answers were held (`held`: commands over a time)
+/// compared with a period that released them: holding costs less CPU per message, so it is kept
+/// unless publishes or settlements went more than a tenth slower. A kind under the streaming
+/// rate in the released period is too thin to tell.
+fn keeps_up(held: (Streamed, Duration), released: (Streamed, Duration)) -> bool {
+    let kinds = |streamed: Streamed| [streamed.publishes, streamed.settlements];
+    let (held_micros, released_micros) = (held.1.as_micros(), released.1.as_micros());
+    let thin = u64::from(PERIOD_INTERVALS) * STREAMING_COMMANDS_MIN;
+    kinds(held.0)
+        .into_iter()
+        .zip(kinds(released.0))
+        .all(|(held_count, released_count)| {
+            released_count < thin
+                || u128::from(held_count) * released_micros * 10
+                    >= u128::from(released_count) * held_micros * 9
+        })
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{StreamMeter, PERIOD_INTERVALS, PROBE_EVERY_PERIODS, RECHECK_RELEASE_PERIODS};
+    use super::{
+        StreamMeter, Streamed, PERIOD_INTERVALS, PROBE_EVERY_PERIODS, RECHECK_RELEASE_PERIODS,
+    };
     use std::time::{Duration, Instant};
+
+    fn publishes(publishes: u64) -> Streamed {
+        Streamed {
+            publishes,
+            settlements: 0,
+        }
+    }
 
     /// Feeds `meter` one read of `per_read` streamed commands every `every`, `reads` times;
     /// returns the last verdict and the time after the last read.
@@ -177,7 +229,7 @@ mod tests {
         let mut streaming = false;
         for _ in 0..reads {
             now += every;
-            streaming = meter.observe(now, per_read, false, true);
+            streaming = meter.observe(now, publishes(per_read), false, true);
         }
         (streaming, now)
     }
@@ -195,11 +247,11 @@ mod tests {
         let (streaming, now) = stream(&mut meter, start + every * 15, every, 4, 1);
         assert!(streaming);
         assert!(
-            !meter.observe(now, 0, false, false),
+            !meter.observe(now, publishes(0), false, false),
             "after a full read, more is waiting: no wait"
         );
         // One thin read does not end it; the next period's verdict does.
-        assert!(meter.observe(now + every, 1, false, true));
+        assert!(meter.observe(now + every, publishes(1), false, true));
         let (streaming, _) = stream(&mut meter, now + every, INTERVAL, 1, 8);
         assert!(!streaming, "1 command per interval is not streaming");
     }
@@ -212,7 +264,7 @@ mod tests {
         let (streaming, now) = stream(&mut meter, start, Duration::from_micros(200), 1, 100);
         assert!(!streaming);
         // 50 at once after 20 ms of silence: 2.5 per interval over the period.
-        assert!(!meter.observe(now + Duration::from_millis(20), 50, false, true));
+        assert!(!meter.observe(now + Duration::from_millis(20), publishes(50), false, true));
     }
 
     #[test]
@@ -222,7 +274,7 @@ mod tests {
         let every = Duration::from_micros(100);
         let (streaming, now) = stream(&mut meter, start, every, 10, 50);
         assert!(streaming);
-        assert!(!meter.observe(now + every, 10, true, true));
+        assert!(!meter.observe(now + every, publishes(10), true, true));
         assert!(!meter.holds_window_answers(), "the probe starts over too");
         let (streaming, _) = stream(&mut meter, now + every, every, 10, 39);
         assert!(!streaming, "a new period must pass first");
@@ -315,18 +367,18 @@ mod tests {
         let mut meter = StreamMeter::new(INTERVAL, now);
         assert!(period(&mut meter, &mut now, 380), "the probe holds");
         now += INTERVAL / 2;
-        assert!(meter.observe(now, 5, false, true));
+        assert!(meter.observe(now, publishes(5), false, true));
         assert!(
             meter.holds_window_answers(),
             "less than an interval: no verdict yet"
         );
         now += INTERVAL;
-        meter.observe(now, 5, false, false);
+        meter.observe(now, publishes(5), false, false);
         assert!(
             meter.holds_window_answers(),
             "a full read: more is waiting, no verdict yet"
         );
-        meter.observe(now, 5, false, true);
+        meter.observe(now, publishes(5), false, true);
         assert!(
             !meter.holds_window_answers(),
             "15 in 1.5 intervals against 380 in one: released"
@@ -347,7 +399,7 @@ mod tests {
         assert!(period(&mut meter, &mut now, 100));
         for _ in 0..PERIOD_INTERVALS {
             now += INTERVAL;
-            meter.observe(now, 130, false, true);
+            meter.observe(now, publishes(130), false, true);
             assert!(meter.holds_window_answers());
         }
     }
@@ -356,6 +408,47 @@ mod tests {
     fn holding_is_kept_within_a_tenth_of_the_released_rate() {
         assert!(modes(100, 91, 2)[1], "9% slower: still held");
         assert!(!modes(100, 89, 2)[1], "11% slower: released");
+    }
+
+    #[test]
+    fn a_consumer_slowed_beside_a_busy_publisher_is_released() {
+        // One connection: a publisher with a wide window (1,000 per interval either way) and a
+        // consumer with a small prefetch (its acks 100 per interval, 5 when held). Together
+        // holding is under 9% slower, but the consumer alone is 95% slower.
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        let read = |settlements| Streamed {
+            publishes: 1000,
+            settlements,
+        };
+        for _ in 0..PERIOD_INTERVALS {
+            now += INTERVAL;
+            meter.observe(now, read(100), false, true);
+        }
+        assert!(meter.holds_window_answers(), "the probe");
+        now += INTERVAL;
+        meter.observe(now, read(5), false, true);
+        assert!(!meter.holds_window_answers(), "released");
+    }
+
+    #[test]
+    fn a_thin_kind_does_not_decide() {
+        // A publisher with a wide window and a few acks now and then.
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        let read = |settlements| Streamed {
+            publishes: 100,
+            settlements,
+        };
+        for _ in 0..PERIOD_INTERVALS {
+            now += INTERVAL;
+            meter.observe(now, read(2), false, true);
+        }
+        for _ in 0..PERIOD_INTERVALS {
+            now += INTERVAL;
+            meter.observe(now, read(0), false, true);
+            assert!(meter.holds_window_answers());
+        }
     }
 
     #[test]

@@ -26,11 +26,11 @@ use futures_lite::{AsyncRead, AsyncWrite};
 use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
-use super::coalescing::StreamMeter;
+use super::coalescing::{StreamMeter, Streamed};
 use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
 use crate::broker::session::Session;
 use crate::broker::shard::ShardBroker;
-use crate::codec::{ConnectionBlocked, ConnectionUnblocked, ShortStr};
+use crate::codec::{ConnectionBlocked, ConnectionUnblocked, Method, ShortStr};
 use crate::runtime::sync::{Event, Notify};
 
 /// One live connection, as its shard sees it.
@@ -295,14 +295,14 @@ impl Connection {
             };
             let now = Instant::now();
             self.last_read.set(now);
-            let (mut streamed, mut asked_something) = (0, false);
+            let (mut streamed, mut asked_something) = (Streamed::default(), false);
             loop {
                 let next = self.machine.borrow_mut().receive(&mut input);
                 match next {
                     None => break,
                     Some(Input::Command(command)) if Session::is_streamed(&command.method) => {
+                        streamed.count(matches!(command.method, Method::BasicPublish(_)));
                         self.session.execute_streamed(command);
-                        streamed += 1;
                     }
                     Some(Input::Command(command)) => {
                         self.session.execute(command).await;
