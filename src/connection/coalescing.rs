@@ -12,11 +12,12 @@
 //! stops after 10 and would be held to 10 per interval. Which one a client is does not show in
 //! its reads, so the meter measures it: streaming, it runs one period with window answers holding
 //! the wait and one ending it, keeps the mode with the better rate (holding unless publishes or
-//! settlements, counted apart, went more than a tenth slower), and measures again every `PROBE_EVERY_PERIODS` periods. A probe that holds
-//! ends once an interval's messages are read if the client has slowed, so a client that waits on
-//! its window is held back for about one interval in every 65 periods. A period can be slow for
-//! reasons of its own (the shard paging, the host), so a release is probed again after 8
-//! periods, then 16 and 32 while probes keep releasing.
+//! settlements, counted apart, went more than a tenth slower), and measures again every
+//! `PROBE_EVERY_PERIODS` periods. A probe that holds ends once an interval's messages are read
+//! if the client has slowed, so a client that waits on its window is held back for about one
+//! interval in every 65 periods. A period can be slow for reasons of its own (the shard paging,
+//! the host), so a release is probed again after 8 periods, then 16 and 32 while probes keep
+//! releasing.
 //!
 //! Invariants: the wait is always bounded by one interval; any command other than a publish or
 //! an ack starts the meter over (not streaming, window answers ending the wait).
