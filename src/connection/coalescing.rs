@@ -188,12 +188,14 @@ fn probe_gap(earlier: u32) -> u32 {
 
 /// Whether the client kept up while window answers were held (`held`: commands over a time)
 /// compared with a period that released them: holding costs less CPU per message, so it is kept
-/// unless publishes or settlements went more than a tenth slower. A kind under the streaming
-/// rate in the released period is too thin to tell.
+/// unless publishes or settlements went more than a tenth slower. A kind with fewer than one
+/// command per interval in the released period is too thin to tell; any more counts, since a
+/// wrong release only costs CPU, a wrong hold costs a slow consumer (a prefetch of 1 beside a
+/// busy publisher) most of its rate.
 fn keeps_up(held: (Streamed, Duration), released: (Streamed, Duration)) -> bool {
     let kinds = |streamed: Streamed| [streamed.publishes, streamed.settlements];
     let (held_micros, released_micros) = (held.1.as_micros(), released.1.as_micros());
-    let thin = u64::from(PERIOD_INTERVALS) * STREAMING_COMMANDS_MIN;
+    let thin = u64::from(PERIOD_INTERVALS);
     kinds(held.0)
         .into_iter()
         .zip(kinds(released.0))
@@ -433,18 +435,39 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_consumer_beside_a_publisher_is_released() {
+        // A consumer with a prefetch of 1 at 5 acks per interval, 1 when held, beside a
+        // publisher at 500.
+        let mut now = Instant::now();
+        let mut meter = StreamMeter::new(INTERVAL, now);
+        let read = |settlements| Streamed {
+            publishes: 500,
+            settlements,
+        };
+        for _ in 0..PERIOD_INTERVALS {
+            now += INTERVAL;
+            meter.observe(now, read(5), false, true);
+        }
+        assert!(meter.holds_window_answers(), "the probe");
+        now += INTERVAL;
+        meter.observe(now, read(1), false, true);
+        assert!(!meter.holds_window_answers(), "released");
+    }
+
+    #[test]
     fn a_thin_kind_does_not_decide() {
-        // A publisher with a wide window and a few acks now and then.
+        // A publisher with a wide window and an ack now and then: 3 in the released period.
         let mut now = Instant::now();
         let mut meter = StreamMeter::new(INTERVAL, now);
         let read = |settlements| Streamed {
             publishes: 100,
             settlements,
         };
-        for _ in 0..PERIOD_INTERVALS {
+        for acks in [3, 0, 0, 0] {
             now += INTERVAL;
-            meter.observe(now, read(2), false, true);
+            meter.observe(now, read(acks), false, true);
         }
+        assert!(meter.holds_window_answers(), "the probe");
         for _ in 0..PERIOD_INTERVALS {
             now += INTERVAL;
             meter.observe(now, read(0), false, true);
