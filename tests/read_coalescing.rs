@@ -50,11 +50,15 @@ async fn stream_publishes(channel: &Channel, queue: &str, count: usize) {
 
 async fn confirming_channel(broker: &Broker) -> (lapin::Connection, Channel) {
     let (connection, channel) = lapin_channel(broker).await;
+    confirm_select(&channel).await;
+    (connection, channel)
+}
+
+async fn confirm_select(channel: &Channel) {
     channel
         .confirm_select(ConfirmSelectOptions::default())
         .await
         .expect("confirm.select");
-    (connection, channel)
 }
 
 async fn all_acked(confirms: Vec<lapin::PublisherConfirm>) {
@@ -188,10 +192,7 @@ async fn a_limited_consumer_beside_a_busy_publisher_on_its_connection_is_not_hel
     fill_limited(&broker).await;
     let (connection, consumer_channel) = lapin_channel(&broker).await;
     let publisher = connection.create_channel().await.expect("a second channel");
-    publisher
-        .confirm_select(ConfirmSelectOptions::default())
-        .await
-        .expect("confirm.select");
+    confirm_select(&publisher).await;
     declare(&publisher, "busy").await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let publishing = tokio::spawn({

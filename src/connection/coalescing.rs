@@ -291,6 +291,19 @@ mod tests {
         assert!(!streaming);
     }
 
+    /// Feeds `meter` one read per interval of `publishes` publishes and, in turn, each of
+    /// `settlements` (a connection that publishes and consumes).
+    fn feed(meter: &mut StreamMeter, now: &mut Instant, publishes: u64, settlements: &[u64]) {
+        for &settlements in settlements {
+            *now += INTERVAL;
+            let read = Streamed {
+                publishes,
+                settlements,
+            };
+            meter.observe(*now, read, false, true);
+        }
+    }
+
     /// Runs one period of `per_interval` commands, read once per interval; returns the mode the
     /// meter chose for the next one.
     fn period(meter: &mut StreamMeter, now: &mut Instant, per_interval: u64) -> bool {
@@ -420,17 +433,14 @@ mod tests {
         // holding is under 9% slower, but the consumer alone is 95% slower.
         let mut now = Instant::now();
         let mut meter = StreamMeter::new(INTERVAL, now);
-        let read = |settlements| Streamed {
-            publishes: 1000,
-            settlements,
-        };
-        for _ in 0..PERIOD_INTERVALS {
-            now += INTERVAL;
-            meter.observe(now, read(100), false, true);
-        }
+        feed(
+            &mut meter,
+            &mut now,
+            1000,
+            &[100; PERIOD_INTERVALS as usize],
+        );
         assert!(meter.holds_window_answers(), "the probe");
-        now += INTERVAL;
-        meter.observe(now, read(5), false, true);
+        feed(&mut meter, &mut now, 1000, &[5]);
         assert!(!meter.holds_window_answers(), "released");
     }
 
@@ -440,17 +450,9 @@ mod tests {
         // publisher at 500.
         let mut now = Instant::now();
         let mut meter = StreamMeter::new(INTERVAL, now);
-        let read = |settlements| Streamed {
-            publishes: 500,
-            settlements,
-        };
-        for _ in 0..PERIOD_INTERVALS {
-            now += INTERVAL;
-            meter.observe(now, read(5), false, true);
-        }
+        feed(&mut meter, &mut now, 500, &[5; PERIOD_INTERVALS as usize]);
         assert!(meter.holds_window_answers(), "the probe");
-        now += INTERVAL;
-        meter.observe(now, read(1), false, true);
+        feed(&mut meter, &mut now, 500, &[1]);
         assert!(!meter.holds_window_answers(), "released");
     }
 
@@ -459,18 +461,10 @@ mod tests {
         // A publisher with a wide window and an ack now and then: 3 in the released period.
         let mut now = Instant::now();
         let mut meter = StreamMeter::new(INTERVAL, now);
-        let read = |settlements| Streamed {
-            publishes: 100,
-            settlements,
-        };
-        for acks in [3, 0, 0, 0] {
-            now += INTERVAL;
-            meter.observe(now, read(acks), false, true);
-        }
+        feed(&mut meter, &mut now, 100, &[3, 0, 0, 0]);
         assert!(meter.holds_window_answers(), "the probe");
         for _ in 0..PERIOD_INTERVALS {
-            now += INTERVAL;
-            meter.observe(now, read(0), false, true);
+            feed(&mut meter, &mut now, 100, &[0]);
             assert!(meter.holds_window_answers());
         }
     }
