@@ -357,18 +357,21 @@ impl Session {
             .unwrap_or_default()
     }
 
+    /// Whether `method` settles deliveries (ack, nack, reject): it adds nothing to what the
+    /// connection must write, so its reader takes it even while the client does not read.
+    pub fn is_settlement(method: &Method) -> bool {
+        matches!(
+            method,
+            Method::BasicAck(_) | Method::BasicNack(_) | Method::BasicReject(_)
+        )
+    }
+
     /// Whether `method` is one a client streams without waiting for an answer: a publish or a
     /// settlement (ack, nack, reject). These never wait for anything, so
     /// [`Session::execute_streamed`] carries them out synchronously, and the connection's reader
     /// may coalesce its reads around them (see `connection::driver`).
     pub fn is_streamed(method: &Method) -> bool {
-        matches!(
-            method,
-            Method::BasicPublish(_)
-                | Method::BasicAck(_)
-                | Method::BasicNack(_)
-                | Method::BasicReject(_)
-        )
+        matches!(method, Method::BasicPublish(_)) || Self::is_settlement(method)
     }
 
     /// Carries out one method; errors become channel or connection closes.

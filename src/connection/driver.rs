@@ -9,7 +9,8 @@
 //!
 //! Invariants: the socket is shared through a `RefCell` that is borrowed only inside one `poll_*`
 //! call, never across an await. When more than `outbound_buffer_bytes_max` bytes wait to be
-//! written, the reader stops reading (TCP back-pressure) until the writer drains them. The read
+//! written, the reader carries out only settlements (which add nothing to write) and holds the
+//! first other command until the writer drains them (TCP back-pressure for everything else). The read
 //! buffer is reused while nothing cut from it is alive (see `make_room`); the machine keeps no
 //! slice of it past a read.
 
@@ -27,11 +28,22 @@ use glommio::net::TcpStream;
 use log::{debug, info, warn};
 
 use super::coalescing::{StreamMeter, Streamed};
-use super::machine::{ConnectionMachine, ConnectionSettings, Input, Phase};
+use super::machine::{Command, ConnectionMachine, ConnectionSettings, Input, Phase};
 use crate::broker::session::Session;
 use crate::broker::shard::ShardBroker;
 use crate::codec::{ConnectionBlocked, ConnectionUnblocked, Method, ShortStr};
 use crate::runtime::sync::{Event, Notify};
+
+/// What one pass of [`Connection::feed`] over the input did.
+#[derive(Default)]
+struct Fed {
+    streamed: Streamed,
+    asked_something: bool,
+    /// A command that waits for the client's backlog to drain.
+    held: Option<Command>,
+    /// Input left unparsed until the backlog drains.
+    stalled: bool,
+}
 
 /// One live connection, as its shard sees it.
 pub struct Connection {
@@ -232,6 +244,10 @@ impl Connection {
         let coalesce = Duration::from_micros(self.settings.limits.read_coalesce_us);
         let mut meter = StreamMeter::new(coalesce, Instant::now());
         let mut streaming = false;
+        // A command read while the client's backlog was over the limit, carried out once it
+        // drains; and whether input was left unparsed for the same reason.
+        let mut held: Option<Command> = None;
+        let mut input_stalled = false;
         loop {
             if streaming {
                 // Read coalescing (`super::coalescing`): the client streams, so let its next
@@ -248,8 +264,9 @@ impl Connection {
                     futures_lite::future::or(self.session.answered.wait(), window_answered);
                 futures_lite::future::or(glommio::timer::sleep(coalesce), answered).await;
             }
-            // Back-pressure: stop reading while the client does not read what we send, while
-            // our mesh outbox is not draining, or (publishers) while memory is over its limit.
+            // Back-pressure: while the client does not read what we send, read only its
+            // settlements (see `feed`); stop reading while our mesh outbox is not draining, or
+            // (publishers) while memory is over its limit.
             loop {
                 if self.phase() == Phase::Closed {
                     if self.machine.borrow().input_refused() {
@@ -258,7 +275,29 @@ impl Connection {
                     return;
                 }
                 if self.pending_outbound_bytes() > limit {
-                    self.drained.wait().await;
+                    if held.is_some() || input_stalled {
+                        self.drained.wait().await;
+                    } else if self.shard.is_backlogged() {
+                        self.shard.outbox_drained.wait().await;
+                    } else {
+                        break;
+                    }
+                } else if let Some(command) = held.take() {
+                    // The backlog drained: carry out what waited, then the rest of the input.
+                    self.session.execute(command).await;
+                    let fed = self.feed(&mut input, limit).await;
+                    held = fed.held;
+                    input_stalled = fed.stalled;
+                    if !self.machine.borrow_mut().outbound().is_empty() {
+                        self.write_wanted.notify();
+                    }
+                } else if input_stalled {
+                    let fed = self.feed(&mut input, limit).await;
+                    held = fed.held;
+                    input_stalled = fed.stalled;
+                    if !self.machine.borrow_mut().outbound().is_empty() {
+                        self.write_wanted.notify();
+                    }
                 } else if self.shard.is_backlogged() {
                     self.shard.outbox_drained.wait().await;
                 } else if self.publishing_blocked() {
@@ -295,28 +334,11 @@ impl Connection {
             };
             let now = Instant::now();
             self.last_read.set(now);
-            let (mut streamed, mut asked_something) = (Streamed::default(), false);
-            loop {
-                let next = self.machine.borrow_mut().receive(&mut input);
-                match next {
-                    None => break,
-                    Some(Input::Command(command)) if Session::is_streamed(&command.method) => {
-                        streamed.count(matches!(command.method, Method::BasicPublish(_)));
-                        self.session.execute_streamed(command);
-                    }
-                    Some(Input::Command(command)) => {
-                        self.session.execute(command).await;
-                        asked_something = true;
-                    }
-                    Some(Input::ChannelClosed(channel)) => {
-                        asked_something = true;
-                        self.session.channel_closed(channel);
-                    }
-                }
-            }
-            asked_something |= self.machine.borrow_mut().take_answered_itself();
+            let fed = self.feed(&mut input, limit).await;
+            held = fed.held;
+            input_stalled = fed.stalled;
             // After a full read more is waiting already: read it at once.
-            streaming = meter.observe(now, streamed, asked_something, read < asked);
+            streaming = meter.observe(now, fed.streamed, fed.asked_something, read < asked);
             if !self.machine.borrow_mut().outbound().is_empty() {
                 self.write_wanted.notify();
             }
@@ -324,6 +346,51 @@ impl Connection {
                 futures_lite::future::yield_now().await;
             }
         }
+    }
+
+    /// Hands the complete commands in `input` to the session. While more than `limit` bytes
+    /// wait to be written to the client, only settlements are carried out: they add nothing to
+    /// that backlog, and a client that blocks on writing its acks (a synchronous client such as
+    /// rabbitmq-c, which does not read while it writes) would otherwise never read again. The
+    /// first other command is returned as held, and parsing stops once the machine's own answers
+    /// (channel.open-ok, say) have grown the backlog by `limit / 4`; memory stays bounded by the
+    /// read buffer, one command and that growth until the client reads.
+    async fn feed(&self, input: &mut BytesMut, limit: usize) -> Fed {
+        let mut fed = Fed::default();
+        let stall_at = self.pending_outbound_bytes().max(limit) + limit / 4;
+        loop {
+            let pending = self.pending_outbound_bytes();
+            let over = pending > limit;
+            if over && pending > stall_at {
+                fed.stalled = true;
+                break;
+            }
+            let next = self.machine.borrow_mut().receive(input);
+            match next {
+                None => break,
+                Some(Input::Command(command))
+                    if over && !Session::is_settlement(&command.method) =>
+                {
+                    fed.held = Some(command);
+                    break;
+                }
+                Some(Input::Command(command)) if Session::is_streamed(&command.method) => {
+                    fed.streamed
+                        .count(matches!(command.method, Method::BasicPublish(_)));
+                    self.session.execute_streamed(command);
+                }
+                Some(Input::Command(command)) => {
+                    self.session.execute(command).await;
+                    fed.asked_something = true;
+                }
+                Some(Input::ChannelClosed(channel)) => {
+                    fed.asked_something = true;
+                    self.session.channel_closed(channel);
+                }
+            }
+        }
+        fed.asked_something |= self.machine.borrow_mut().take_answered_itself();
+        fed
     }
 
     /// Whether flow control holds this connection's reads: it has published, and some shard
