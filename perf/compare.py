@@ -33,8 +33,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tests", "support"))
-from brokers import (Broker, cpu_seconds, ensure_rabbitmq, free_port, rss_bytes,  # noqa: E402
-                     start_rabbitmq)
+from brokers import (Broker, cpu_seconds, ensure_rabbitmq, ensure_rabbitmq_c, free_port,  # noqa: E402
+                     rss_bytes, start_rabbitmq)
 
 
 def scenarios(duration, backlog):
@@ -197,7 +197,8 @@ def report(machine, runs, command, duration, backlog):
         lines.append(f"- {name}: `loadgen {' '.join(args)}`")
     lines += ["", "## Fairness", "",
               "- Both brokers run alone on the same machine, one after the other, driven by the same "
-              "generator (loadgen, on amqprs) with the same options; the generator shares the machine's "
+              "generator (loadgen, on the C client rabbitmq-c, one thread per connection) with the same "
+              "options; the generator shares the machine's "
               "cores with the broker, and on a 2-core machine it is itself a limit (loadgen cores above: "
               "near 1 or more, the generator, not the broker, set the rate).",
               "- shardmq runs one shard per core but one (`--shards`, see shardmq_shards above), leaving a core "
@@ -224,7 +225,11 @@ def report(machine, runs, command, duration, backlog):
               "in the streaming scenarios (1 → 1 16 B: 4.7-6.9 against 8.7-10.2 µs per message with it "
               "off, 2026-11-22; backlog publish with a confirm window of 1,000: 2.68 against 5.16, "
               "2026-12-03) at the price of up to 1 ms of latency for those clients; the fixed-rate "
-              "scenarios stay below its threshold. RabbitMQ has no equivalent setting.", ""]
+              "scenarios stay below its threshold. RabbitMQ has no equivalent setting.",
+              "- The fixed-rate scenarios space publishes evenly (as PerfTest's rate limiter does), so "
+              "each message wakes the brokers on its own. Runs before 2026-12-03 04:00 used an amqprs "
+              "generator whose timer sent them in bursts once per millisecond: their CPU per message "
+              "at fixed rates is not comparable with later runs.", ""]
     return "\n".join(lines)
 
 
@@ -376,6 +381,7 @@ def main():
         "memory_gib": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
         "shardmq": shardmq_version(),
         "rustc": subprocess.run(["rustc", "--version"], capture_output=True, text=True).stdout.strip(),
+        "loadgen_client": "rabbitmq-c " + ensure_rabbitmq_c(),
     }
     results = []
     brokers = options.brokers.split(",")

@@ -103,6 +103,7 @@ def main():
     options = parser.parse_args()
     subprocess.run(["cargo", "build", "--release", "--locked", "-p", "shardmq", "-p", "shardmq-perf"],
                    cwd=ROOT, check=True)
+    brokers.ensure_rabbitmq_c()
     n = options.messages
     mib = 2**20
     results = {"messages": n, "body_bytes": 1024}

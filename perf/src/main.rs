@@ -1,31 +1,23 @@
 //! `loadgen`: a load generator for AMQP 0.9.1 brokers, modelled on RabbitMQ's PerfTest and built
-//! on a third-party client (amqprs), so it shares no code with shardmq.
+//! on a third-party client (rabbitmq-c, loaded at run time: `rabbitmq_c`), so it shares no code
+//! with shardmq.
 //!
-//! Every producer and consumer has its own connection. Producers put a send timestamp in the
+//! Every producer and consumer is a thread with a connection of its own. Producers put a send timestamp in the
 //! first 8 bytes of each body; consumers record end-to-end latency in an HDR histogram. At the
 //! end it prints a summary and one JSON line (`--json`), including the CPU seconds the generator
 //! itself used, so a report can tell when the generator, not the broker, was the bottleneck.
 
 mod options;
-
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+mod rabbitmq_c;
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use amqprs::callbacks::ChannelCallback;
-use amqprs::channel::{
-    BasicAckArguments, BasicConsumeArguments, BasicPublishArguments, BasicQosArguments, Channel,
-    ConfirmSelectArguments, ExchangeDeclareArguments, ExchangeDeleteArguments, QueueBindArguments,
-    QueueDeclareArguments, QueueDeleteArguments, QueuePurgeArguments,
-};
-use amqprs::connection::{Connection, OpenConnectionArguments};
-use amqprs::{Ack, BasicProperties, Cancel, CloseChannel, Nack, Return};
 use hdrhistogram::Histogram;
 use options::{ExchangeKind, Options};
-use tokio::sync::mpsc::error::TryRecvError;
+use rabbitmq_c::{Connection, Event, Target};
 
 fn now_ns() -> u64 {
     SystemTime::now()
@@ -56,63 +48,18 @@ struct Counters {
     returned: AtomicU64,
 }
 
-/// Counts confirms (acks with `multiple` cover every earlier tag) and wakes the producer
-/// waiting for room in its confirm window.
-#[derive(Clone)]
-struct ConfirmTracker {
-    highest: Arc<AtomicU64>,
-    counters: Arc<Counters>,
-    confirmed: Arc<tokio::sync::Notify>,
-}
+/// How long a blocked wait (for a delivery, for a confirm) lasts before `stop` is looked at.
+const WAIT_STEP: Duration = Duration::from_millis(100);
 
-#[async_trait::async_trait]
-impl ChannelCallback for ConfirmTracker {
-    async fn close(
-        &mut self,
-        _: &Channel,
-        close: CloseChannel,
-    ) -> Result<(), amqprs::error::Error> {
-        eprintln!("loadgen: channel closed by the broker: {close}");
-        self.counters.errors.fetch_add(1, Ordering::Relaxed);
-        Ok(())
-    }
-    async fn cancel(&mut self, _: &Channel, _: Cancel) -> Result<(), amqprs::error::Error> {
-        Ok(())
-    }
-    async fn flow(&mut self, _: &Channel, active: bool) -> Result<bool, amqprs::error::Error> {
-        Ok(active)
-    }
-    async fn publish_ack(&mut self, _: &Channel, ack: Ack) {
-        let tag = ack.delivery_tag();
-        let previous = self.highest.fetch_max(tag, Ordering::Relaxed);
-        if tag > previous {
-            let newly = if ack.mutiple() { tag - previous } else { 1 };
-            self.counters.confirmed.fetch_add(newly, Ordering::Relaxed);
-        }
-        self.confirmed.notify_one();
-    }
-    async fn publish_nack(&mut self, _: &Channel, nack: Nack) {
-        self.highest
-            .fetch_max(nack.delivery_tag(), Ordering::Relaxed);
-        self.counters.nacked.fetch_add(1, Ordering::Relaxed);
-        self.confirmed.notify_one();
-    }
-    async fn publish_return(&mut self, _: &Channel, _: Return, _: BasicProperties, _: Vec<u8>) {
-        self.counters.returned.fetch_add(1, Ordering::Relaxed);
-    }
-}
-
-async fn connect(options: &Options, name: &str) -> Result<Connection, String> {
-    let mut arguments = OpenConnectionArguments::new(
-        &options.host,
-        options.port,
-        &options.user,
-        &options.password,
-    );
-    arguments.virtual_host(&options.vhost).connection_name(name);
-    Connection::open(&arguments)
-        .await
-        .map_err(|e| format!("cannot connect to {}:{}: {e}", options.host, options.port))
+fn connect(options: &Options, name: &str) -> Result<Connection, String> {
+    let target = Target {
+        host: &options.host,
+        port: options.port,
+        vhost: &options.vhost,
+        user: &options.user,
+        password: &options.password,
+    };
+    Connection::open(&target, name)
 }
 
 fn queue_name(options: &Options, index: usize) -> String {
@@ -130,31 +77,16 @@ fn target(options: &Options, index: usize) -> (String, String) {
     }
 }
 
-async fn declare_topology(options: &Options) -> Result<(), String> {
-    let connection = connect(options, "loadgen-setup").await?;
-    let channel = connection
-        .open_channel(None)
-        .await
-        .map_err(|e| e.to_string())?;
+fn declare_topology(options: &Options) -> Result<(), String> {
+    let mut connection = connect(options, "loadgen-setup")?;
     if options.exchange == ExchangeKind::Fanout {
-        channel
-            .exchange_declare(ExchangeDeclareArguments::new("loadgen.fanout", "fanout"))
-            .await
-            .map_err(|e| e.to_string())?;
+        connection.exchange_declare("loadgen.fanout", "fanout")?;
     }
     for index in 0..options.queues {
         let name = queue_name(options, index);
-        let mut declare = QueueDeclareArguments::new(&name);
-        declare.durable(options.persistent);
-        channel
-            .queue_declare(declare)
-            .await
-            .map_err(|e| e.to_string())?;
+        connection.queue_declare(&name, options.persistent)?;
         if options.purge {
-            channel
-                .queue_purge(QueuePurgeArguments::new(&name))
-                .await
-                .map_err(|e| e.to_string())?;
+            connection.queue_purge(&name)?;
         }
         let binding = match options.exchange {
             ExchangeKind::Default => None,
@@ -163,73 +95,88 @@ async fn declare_topology(options: &Options) -> Result<(), String> {
             ExchangeKind::Topic => Some(("amq.topic", format!("loadgen.{name}.#"))),
         };
         if let Some((exchange, key)) = binding {
-            channel
-                .queue_bind(QueueBindArguments::new(&name, exchange, &key))
-                .await
-                .map_err(|e| e.to_string())?;
+            connection.queue_bind(&name, exchange, &key)?;
         }
     }
-    let _ = channel.close().await;
-    let _ = connection.close().await;
     Ok(())
 }
 
 /// Deletes what `declare_topology` created, so the next run starts from an empty broker.
-async fn delete_topology(options: &Options) -> Result<(), String> {
-    let connection = connect(options, "loadgen-cleanup").await?;
-    let channel = connection
-        .open_channel(None)
-        .await
-        .map_err(|e| e.to_string())?;
+fn delete_topology(options: &Options) -> Result<(), String> {
+    let mut connection = connect(options, "loadgen-cleanup")?;
     for index in 0..options.queues {
-        channel
-            .queue_delete(QueueDeleteArguments::new(&queue_name(options, index)))
-            .await
-            .map_err(|e| e.to_string())?;
+        connection.queue_delete(&queue_name(options, index))?;
     }
     if options.exchange == ExchangeKind::Fanout {
-        channel
-            .exchange_delete(ExchangeDeleteArguments::new("loadgen.fanout"))
-            .await
-            .map_err(|e| e.to_string())?;
+        connection.exchange_delete("loadgen.fanout")?;
     }
-    let _ = channel.close().await;
-    let _ = connection.close().await;
     Ok(())
 }
 
-async fn produce(
-    options: Arc<Options>,
-    index: usize,
-    counters: Arc<Counters>,
-    stop: Arc<AtomicBool>,
-) -> Result<(), String> {
-    let connection = connect(&options, &format!("loadgen-producer-{index}")).await?;
-    let channel = connection
-        .open_channel(None)
-        .await
-        .map_err(|e| e.to_string())?;
-    let highest = Arc::new(AtomicU64::new(0));
-    let confirmed = Arc::new(tokio::sync::Notify::new());
-    channel
-        .register_callback(ConfirmTracker {
-            highest: highest.clone(),
-            counters: counters.clone(),
-            confirmed: confirmed.clone(),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    if options.confirm.is_some() {
-        channel
-            .confirm_select(ConfirmSelectArguments::default())
-            .await
-            .map_err(|e| e.to_string())?;
+/// A producer's view of its confirms: the highest tag settled so far.
+struct Confirms<'a> {
+    highest: u64,
+    counters: &'a Counters,
+}
+
+impl Confirms<'_> {
+    fn apply(&mut self, event: Event) {
+        match event {
+            Event::Confirmed { tag, multiple } if tag > self.highest => {
+                let newly = if multiple { tag - self.highest } else { 1 };
+                self.counters.confirmed.fetch_add(newly, Ordering::Relaxed);
+                self.highest = tag;
+            }
+            Event::Nacked { tag } => {
+                self.highest = self.highest.max(tag);
+                self.counters.nacked.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Returned => {
+                self.counters.returned.fetch_add(1, Ordering::Relaxed);
+            }
+            Event::Confirmed { .. } | Event::Other => {}
+        }
     }
-    let (exchange, routing_key) = target(&options, index);
-    let properties = BasicProperties::default()
-        .with_persistence(options.persistent)
-        .finish();
+
+    /// Takes in what the broker has sent, waiting at most `timeout`.
+    fn read(&mut self, connection: &mut Connection, timeout: Duration) -> Result<bool, String> {
+        match connection.next_event(timeout)? {
+            Some(event) => {
+                self.apply(event);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
+}
+
+/// Publishes without confirms look for what the broker sent (a channel closed, say) once per
+/// this many messages; with confirms, once per `CONFIRM_POLL_EVERY`.
+const EVENT_POLL_EVERY: u64 = 1024;
+const CONFIRM_POLL_EVERY: u64 = 64;
+
+fn produce(
+    options: &Options,
+    index: usize,
+    counters: &Counters,
+    stop: &AtomicBool,
+) -> Result<(), String> {
+    let mut connection = connect(options, &format!("loadgen-producer-{index}"))?;
+    if options.confirm.is_some() {
+        connection.confirm_select()?;
+    }
+    let (exchange, routing_key) = target(options, index);
+    let properties = rabbitmq_c::properties(options.persistent);
     let mut body = vec![0u8; options.size.max(16)];
+    let mut confirms = Confirms {
+        highest: 0,
+        counters,
+    };
+    let poll_every = if options.confirm.is_some() {
+        CONFIRM_POLL_EVERY
+    } else {
+        EVENT_POLL_EVERY
+    };
     let started = Instant::now();
     let mut sent = 0u64;
     while !stop.load(Ordering::Relaxed) {
@@ -237,118 +184,77 @@ async fn produce(
             break;
         }
         if let Some(rate) = options.rate {
+            // Evenly spaced, as PerfTest's rate limiter spaces them.
             let due = started + Duration::from_secs_f64(sent as f64 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
-                tokio::time::sleep(wait).await;
+                thread::sleep(wait);
             }
         }
+        if sent % poll_every == 0 {
+            while confirms.read(&mut connection, Duration::ZERO)? {}
+        }
         if let Some(window) = options.confirm {
-            // Woken by the next confirm (tokio's timers tick in milliseconds: polling with a
-            // sleep idled the producer for a millisecond each time its window was full). The
-            // timeout only bounds the wait for `stop`.
-            while sent >= highest.load(Ordering::Relaxed) + window && !stop.load(Ordering::Relaxed)
-            {
-                let _ =
-                    tokio::time::timeout(Duration::from_millis(100), confirmed.notified()).await;
+            while sent >= confirms.highest + window && !stop.load(Ordering::Relaxed) {
+                if confirms.read(&mut connection, WAIT_STEP)? {
+                    while confirms.read(&mut connection, Duration::ZERO)? {}
+                }
             }
         }
         body[..8].copy_from_slice(&now_ns().to_be_bytes());
         body[8..16].copy_from_slice(&sent.to_be_bytes());
-        let published = channel
-            .basic_publish(
-                properties.clone(),
-                body.clone(),
-                BasicPublishArguments::new(&exchange, &routing_key),
-            )
-            .await;
-        if published.is_err() {
-            counters.errors.fetch_add(1, Ordering::Relaxed);
-            break;
-        }
+        connection.publish(&exchange, &routing_key, &properties, &body)?;
         sent += 1;
         counters.sent.fetch_add(1, Ordering::Relaxed);
-        if sent % 64 == 0 {
-            tokio::task::yield_now().await;
-        }
     }
     // Wait (bounded) for the last confirms before closing.
     if options.confirm.is_some() {
         let deadline = Instant::now() + Duration::from_secs(10);
-        while highest.load(Ordering::Relaxed) < sent && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        while confirms.highest < sent && Instant::now() < deadline {
+            confirms.read(&mut connection, WAIT_STEP)?;
         }
     }
-    let _ = channel.close().await;
-    let _ = connection.close().await;
     Ok(())
 }
 
-async fn consume(
-    options: Arc<Options>,
+fn consume(
+    options: &Options,
     index: usize,
-    counters: Arc<Counters>,
-    latency: Arc<Mutex<Histogram<u64>>>,
-    stop: Arc<AtomicBool>,
+    counters: &Counters,
+    latency: &Mutex<Histogram<u64>>,
+    stop: &AtomicBool,
 ) -> Result<(), String> {
-    let connection = connect(&options, &format!("loadgen-consumer-{index}")).await?;
-    let channel = connection
-        .open_channel(None)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut connection = connect(options, &format!("loadgen-consumer-{index}"))?;
     if let Some(prefetch) = options.prefetch {
-        channel
-            .basic_qos(BasicQosArguments::new(0, prefetch, false))
-            .await
-            .map_err(|e| e.to_string())?;
+        connection.basic_qos(prefetch)?;
     }
-    let mut arguments =
-        BasicConsumeArguments::new(&queue_name(&options, index % options.queues), "");
-    arguments.manual_ack(!options.auto_ack);
-    let (_, mut deliveries) = channel
-        .basic_consume_rx(arguments)
-        .await
-        .map_err(|e| e.to_string())?;
+    connection.basic_consume(
+        &queue_name(options, index % options.queues),
+        options.auto_ack,
+    )?;
     let mut local =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut unacked = 0u64;
-    let mut taken = 0u64;
-    while !stop.load(Ordering::Relaxed) {
-        // A ready delivery is taken without arming a timer; the timeout only bounds waiting.
-        // Taking them may not yield (no ack to send: auto-ack, multi-ack), so yield now and
-        // then to let this worker's other tasks (the connection's reader) run.
-        let next = match deliveries.try_recv() {
-            Ok(message) => {
-                taken += 1;
-                if taken % 64 == 0 {
-                    tokio::task::yield_now().await;
-                }
-                Ok(Some(message))
-            }
-            Err(TryRecvError::Disconnected) => Ok(None),
-            Err(TryRecvError::Empty) => {
-                tokio::time::timeout(Duration::from_millis(100), deliveries.recv()).await
-            }
-        };
-        let Ok(Some(message)) = next else {
-            if matches!(next, Ok(None)) {
-                break;
-            }
-            continue;
-        };
-        if let Some(body) = &message.content {
-            if body.len() >= 8 {
-                let sent = u64::from_be_bytes(body[..8].try_into().unwrap_or_default());
-                let _ = local.record(now_ns().saturating_sub(sent).max(1));
-            }
+    let result = loop {
+        if stop.load(Ordering::Relaxed) {
+            break Ok(());
         }
+        let tag = match connection.next_delivery(WAIT_STEP) {
+            Ok(Some(delivery)) => {
+                if let Some(stamp) = delivery.body.get(..8) {
+                    let sent = u64::from_be_bytes(stamp.try_into().unwrap_or_default());
+                    let _ = local.record(now_ns().saturating_sub(sent).max(1));
+                }
+                delivery.tag
+            }
+            Ok(None) => continue,
+            Err(e) => break Err(e),
+        };
         counters.received.fetch_add(1, Ordering::Relaxed);
         if !options.auto_ack {
             unacked += 1;
             if unacked >= options.multi_ack {
-                if let Some(deliver) = &message.deliver {
-                    let _ = channel
-                        .basic_ack(BasicAckArguments::new(deliver.delivery_tag(), true))
-                        .await;
+                if let Err(e) = connection.ack(tag, true) {
+                    break Err(e);
                 }
                 unacked = 0;
             }
@@ -359,13 +265,11 @@ async fn consume(
         {
             stop.store(true, Ordering::Relaxed);
         }
-    }
+    };
     if let Ok(mut merged) = latency.lock() {
         let _ = merged.add(&local);
     }
-    let _ = channel.close().await;
-    let _ = connection.close().await;
-    Ok(())
+    result
 }
 
 fn main() {
@@ -376,28 +280,33 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(options.threads)
-        .enable_all()
-        .build()
-        .expect("a tokio runtime");
-    let code = runtime.block_on(run(Arc::new(options)));
-    std::process::exit(code);
+    std::process::exit(run(&options));
 }
 
-async fn run(options: Arc<Options>) -> i32 {
-    if let Err(e) = declare_topology(&options).await {
+/// Counts a producer's or consumer's failure.
+fn report(counters: &Counters, role: &str, result: thread::Result<Result<(), String>>) {
+    let message = match result {
+        Ok(Ok(())) => return,
+        Ok(Err(e)) => e,
+        Err(_) => format!("{role} thread panicked"),
+    };
+    eprintln!("loadgen: {role}: {message}");
+    counters.errors.fetch_add(1, Ordering::Relaxed);
+}
+
+fn run(options: &Options) -> i32 {
+    if let Err(e) = declare_topology(options) {
         eprintln!("loadgen: {e}");
         return 1;
     }
-    let counters = Arc::new(Counters::default());
-    let stop = Arc::new(AtomicBool::new(false));
-    let latency = Arc::new(Mutex::new(
+    let counters = Counters::default();
+    let stop = AtomicBool::new(false);
+    let latency = Mutex::new(
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).expect("histogram bounds"),
-    ));
+    );
     let mut idle = Vec::new();
     for index in 0..options.idle_connections {
-        match connect(&options, &format!("loadgen-idle-{index}")).await {
+        match connect(options, &format!("loadgen-idle-{index}")) {
             Ok(connection) => idle.push(connection),
             Err(e) => {
                 eprintln!("loadgen: idle connection {index}: {e}");
@@ -406,69 +315,56 @@ async fn run(options: Arc<Options>) -> i32 {
         }
     }
     let cpu_before = cpu_seconds();
-    let mut tasks = Vec::new();
-    for index in 0..options.consumers {
-        tasks.push(tokio::spawn(consume(
-            options.clone(),
-            index,
-            counters.clone(),
-            latency.clone(),
-            stop.clone(),
-        )));
-    }
-    // Consumers first, so that nothing is measured against an empty subscription.
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    let started = Instant::now();
-    for index in 0..options.producers {
-        tasks.push(tokio::spawn(produce(
-            options.clone(),
-            index,
-            counters.clone(),
-            stop.clone(),
-        )));
-    }
-    let deadline = started + Duration::from_secs_f64(options.duration);
-    loop {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        let producers_done = options.producers > 0
-            && options.messages.is_some_and(|m| {
-                counters.sent.load(Ordering::Relaxed) >= m * options.producers as u64
-            });
-        let consumers_only = options.producers == 0
-            && options
-                .consume_limit
-                .is_some_and(|l| counters.received.load(Ordering::Relaxed) >= l);
-        if Instant::now() >= deadline || stop.load(Ordering::Relaxed) || consumers_only {
-            break;
-        }
-        if producers_done && options.consumers == 0 && options.confirm.is_some() {
-            let sent = counters.sent.load(Ordering::Relaxed);
-            if counters.confirmed.load(Ordering::Relaxed) + counters.nacked.load(Ordering::Relaxed)
-                >= sent
-            {
+    // Each producer and consumer is a thread with its own connection (rabbitmq-c blocks).
+    let elapsed = thread::scope(|scope| {
+        let (counters, stop, latency) = (&counters, &stop, &latency);
+        let consumers: Vec<_> = (0..options.consumers)
+            .map(|index| scope.spawn(move || consume(options, index, counters, latency, stop)))
+            .collect();
+        // Consumers first, so that nothing is measured against an empty subscription.
+        thread::sleep(Duration::from_millis(200));
+        let started = Instant::now();
+        let producers: Vec<_> = (0..options.producers)
+            .map(|index| scope.spawn(move || produce(options, index, counters, stop)))
+            .collect();
+        let deadline = started + Duration::from_secs_f64(options.duration);
+        loop {
+            thread::sleep(Duration::from_millis(20));
+            let producers_done = options.producers > 0
+                && options.messages.is_some_and(|m| {
+                    counters.sent.load(Ordering::Relaxed) >= m * options.producers as u64
+                });
+            let consumers_only = options.producers == 0
+                && options
+                    .consume_limit
+                    .is_some_and(|l| counters.received.load(Ordering::Relaxed) >= l);
+            if Instant::now() >= deadline || stop.load(Ordering::Relaxed) || consumers_only {
                 break;
             }
-        }
-    }
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for task in tasks {
-        match task.await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => {
-                eprintln!("loadgen: {e}");
-                counters.errors.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => {
-                eprintln!("loadgen: task failed: {e}");
-                counters.errors.fetch_add(1, Ordering::Relaxed);
+            if producers_done && options.consumers == 0 && options.confirm.is_some() {
+                let sent = counters.sent.load(Ordering::Relaxed);
+                if counters.confirmed.load(Ordering::Relaxed)
+                    + counters.nacked.load(Ordering::Relaxed)
+                    >= sent
+                {
+                    break;
+                }
             }
         }
-    }
+        let elapsed = started.elapsed().as_secs_f64();
+        stop.store(true, Ordering::Relaxed);
+        for producer in producers {
+            report(counters, "producer", producer.join());
+        }
+        for consumer in consumers {
+            report(counters, "consumer", consumer.join());
+        }
+        elapsed
+    });
     drop(idle);
     let cpu = cpu_seconds() - cpu_before;
     if options.cleanup {
-        if let Err(e) = delete_topology(&options).await {
+        if let Err(e) = delete_topology(options) {
             eprintln!("loadgen: cleanup: {e}");
             counters.errors.fetch_add(1, Ordering::Relaxed);
         }
@@ -506,11 +402,11 @@ async fn run(options: Arc<Options>) -> i32 {
         received as f64 / elapsed,
         confirmed as f64 / elapsed,
     );
-    if cpu / elapsed > 0.8 * options.threads as f64 {
+    let cores = thread::available_parallelism().map_or(1, usize::from) as f64;
+    if cpu / elapsed > 0.5 * cores {
         eprintln!(
-            "loadgen: warning: the generator used {:.0}% of its {} threads; it, not the broker, may be the bottleneck",
-            100.0 * cpu / elapsed / options.threads as f64,
-            options.threads
+            "loadgen: warning: the generator used {:.1} of the machine's {cores} cores; it, not the broker, may be the bottleneck",
+            cpu / elapsed,
         );
     }
     if options.json {

@@ -27,7 +27,6 @@ USAGE: loadgen [OPTIONS]
   --consume-limit N        stop when consumers received N messages in total
   --purge                  purge the queues before starting
   --cleanup                delete the queues (and the fanout exchange) at the end
-  --threads N              client runtime threads (2)
   --label NAME             label in the output (run)
   --json                   also print one JSON line
 ";
@@ -65,7 +64,6 @@ pub struct Options {
     pub consume_limit: Option<u64>,
     pub purge: bool,
     pub cleanup: bool,
-    pub threads: usize,
     pub label: String,
     pub json: bool,
 }
@@ -96,7 +94,6 @@ impl Default for Options {
             consume_limit: None,
             purge: false,
             cleanup: false,
-            threads: 2,
             label: "run".into(),
             json: false,
         }
@@ -153,7 +150,6 @@ pub fn parse(args: impl IntoIterator<Item = String>) -> Result<Options, String> 
             "--consume-limit" => options.consume_limit = Some(number(&flag, value())?),
             "--purge" => options.purge = true,
             "--cleanup" => options.cleanup = true,
-            "--threads" => options.threads = number::<usize>(&flag, value())?.max(1),
             "--label" => options.label = value().ok_or("--label needs a value")?,
             "--json" => options.json = true,
             "-h" | "--help" => return Err("help".into()),

@@ -148,6 +148,26 @@ def start_shardmq_for_tests(workdir, root, config_extra=""):
     return Broker("shardmq", command, dict(os.environ), port, workdir)
 
 
+def package_version(package):
+    """The installed version of a Debian package, or "" if it is not installed."""
+    done = subprocess.run(["dpkg-query", "-W", "-f", "${Status} ${Version}", package],
+                          capture_output=True, text=True)
+    status, _, version = done.stdout.rpartition(" ")
+    return version if done.returncode == 0 and status.endswith("installed") else ""
+
+
+def ensure_rabbitmq_c():
+    """The C client (librabbitmq) that perf/'s loadgen loads at run time; returns its version."""
+    package = "librabbitmq4"
+    if not package_version(package):
+        print(f"installing {package} from Debian's packages ...", flush=True)
+        env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+        subprocess.run(["apt-get", "update", "-q"], check=True, env=env)
+        subprocess.run(["apt-get", "install", "-y", "-q", "--no-install-recommends", package],
+                       check=True, env=env)
+    return package_version(package)
+
+
 def ensure_rabbitmq():
     server = "/usr/lib/rabbitmq/bin/rabbitmq-server"
     if not os.path.exists(server):
