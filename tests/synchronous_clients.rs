@@ -11,7 +11,7 @@ use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use common::raw::{method_frame, RawClient, RawFrame};
-use common::{lapin_channel, lapin_publish, Broker};
+use common::{assert_broker_serves, lapin_channel, lapin_publish, rss_bytes, Broker};
 
 const MESSAGES: u64 = 40_000;
 /// Their acks (22 bytes each) are more than the broker's socket buffer and the client's hold.
@@ -46,6 +46,24 @@ fn next_delivery(client: &mut RawClient) -> u64 {
     }
 }
 
+/// Small socket buffers, as a busy host gives: the pipes fill after a few hundred small frames.
+fn small_socket_buffers(client: &RawClient) {
+    for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
+        let size: libc::c_int = 16384;
+        // SAFETY: a valid socket and a pointer to an int of the size given.
+        let set = unsafe {
+            libc::setsockopt(
+                client.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                option,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(set, 0, "setsockopt");
+    }
+}
+
 fn ack(tag: u64, multiple: bool) -> Vec<u8> {
     let mut arguments = tag.to_be_bytes().to_vec();
     arguments.push(u8::from(multiple));
@@ -76,21 +94,7 @@ async fn a_consumer_blocked_writing_acks_is_still_read() {
     let consumer = tokio::task::spawn_blocking(move || {
         let addr = format!("127.0.0.1:{port}").parse().expect("address");
         let mut client = RawClient::handshake(addr, 0, 8192, 0);
-        // Small socket buffers, as a busy host gives: the pipes fill after a few hundred acks.
-        for option in [libc::SO_RCVBUF, libc::SO_SNDBUF] {
-            let size: libc::c_int = 16384;
-            // SAFETY: a valid socket and a pointer to an int of the size given.
-            let set = unsafe {
-                libc::setsockopt(
-                    client.stream.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    option,
-                    (&size as *const libc::c_int).cast(),
-                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            assert_eq!(set, 0, "setsockopt");
-        }
+        small_socket_buffers(&client);
         assert_eq!(
             client.open_channel(1).map(|f| f.method_ids()),
             Some(Some((20, 11)))
@@ -179,4 +183,58 @@ async fn a_consumer_blocked_writing_acks_is_still_read() {
         Some(0),
         "messages requeued (acks lost), or the consumer never left"
     );
+}
+
+/// The other side of reading settlements while a client's backlog is over the limit: what the
+/// broker answers by itself must stay bounded. A client that never reads and sends channel.open
+/// and channel.close without end is answered until the backlog is over the limit, then only a
+/// little more, and then not read at all: its writes block, and the broker's memory stays put.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_does_not_read_cannot_grow_the_backlog_with_requests() {
+    let broker = Broker::start_with_config(
+        "[connection]\nframe_max_bytes = 8192\noutbound_buffer_bytes_max = 8192\n",
+    );
+    let (port, pid) = (broker.port(), broker.pid());
+    let rss_before = rss_bytes(pid);
+    let flooder = tokio::task::spawn_blocking(move || {
+        let addr = format!("127.0.0.1:{port}").parse().expect("address");
+        let mut client = RawClient::handshake(addr, 0, 8192, 0);
+        small_socket_buffers(&client);
+        client
+            .stream
+            .set_write_timeout(Some(Duration::from_secs(3)))
+            .expect("write timeout");
+        let mut pairs = Vec::new();
+        for _ in 0..1024 {
+            pairs.extend(method_frame(1, 20, 10, &[0]));
+            let mut close = 200u16.to_be_bytes().to_vec();
+            short_string(&mut close, "");
+            close.extend_from_slice(&[0, 0, 0, 0]);
+            pairs.extend(method_frame(1, 20, 40, &close));
+        }
+        // Up to 256 MiB of requests, whose answers would take about as much.
+        let mut written = 0usize;
+        while written < 256 << 20 {
+            match client.stream.write(&pairs) {
+                Ok(n) => written += n,
+                Err(_) => break,
+            }
+        }
+        (client, written)
+    });
+    let (client, written) = tokio::time::timeout(Duration::from_secs(120), flooder)
+        .await
+        .expect("the flood ended in time")
+        .expect("the flooding thread");
+    assert!(
+        written < 256 << 20,
+        "the broker kept reading a client that does not read ({written} bytes taken)"
+    );
+    let grown = rss_bytes(pid).saturating_sub(rss_before);
+    assert!(
+        grown < 64 << 20,
+        "the broker grew by {grown} bytes answering {written} bytes of requests"
+    );
+    assert_broker_serves(&broker).await;
+    drop(client);
 }

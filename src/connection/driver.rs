@@ -65,6 +65,8 @@ pub struct Connection {
     /// the client's heartbeats wait unread in the socket (RabbitMQ does the same). A client
     /// that stops reading what we send is not covered: it may be gone.
     reader_paused: Cell<bool>,
+    /// Bytes the machine answered by itself while the client's backlog was over the limit.
+    answered_over_limit: Cell<usize>,
     /// Wakes a reader held off by flow control when the connection starts closing.
     closing: Notify,
     finished: Event,
@@ -179,6 +181,7 @@ impl Connection {
             in_flight_bytes: Cell::new(0),
             reader_done: Cell::new(false),
             reader_paused: Cell::new(false),
+            answered_over_limit: Cell::new(0),
             closing: Notify::default(),
             finished: Event::default(),
             last_read: Cell::new(now),
@@ -353,19 +356,30 @@ impl Connection {
     /// that backlog, and a client that blocks on writing its acks (a synchronous client such as
     /// rabbitmq-c, which does not read while it writes) would otherwise never read again. The
     /// first other command is returned as held, and parsing stops once the machine's own answers
-    /// (channel.open-ok, say) have grown the backlog by `limit / 4`; memory stays bounded by the
-    /// read buffer, one command and that growth until the client reads.
+    /// (channel.open-ok, say) have grown the backlog by `limit / 4` since it went over the limit;
+    /// memory stays bounded by the read buffer, one command and that growth until the client
+    /// reads. (Deliveries need credit, which bounds them whatever is read.)
     async fn feed(&self, input: &mut BytesMut, limit: usize) -> Fed {
         let mut fed = Fed::default();
-        let stall_at = self.pending_outbound_bytes().max(limit) + limit / 4;
         loop {
-            let pending = self.pending_outbound_bytes();
-            let over = pending > limit;
-            if over && pending > stall_at {
+            let over = self.pending_outbound_bytes() > limit;
+            if !over {
+                self.answered_over_limit.set(0);
+            } else if self.answered_over_limit.get() > limit / 4 {
                 fed.stalled = true;
                 break;
             }
-            let next = self.machine.borrow_mut().receive(input);
+            let next = {
+                let mut machine = self.machine.borrow_mut();
+                let before = machine.outbound().len();
+                let next = machine.receive(input);
+                if over {
+                    let grown = machine.outbound().len().saturating_sub(before);
+                    self.answered_over_limit
+                        .set(self.answered_over_limit.get() + grown);
+                }
+                next
+            };
             match next {
                 None => break,
                 Some(Input::Command(command))
