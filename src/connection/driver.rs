@@ -10,9 +10,9 @@
 //! Invariants: the socket is shared through a `RefCell` that is borrowed only inside one `poll_*`
 //! call, never across an await. When more than `outbound_buffer_bytes_max` bytes wait to be
 //! written, the reader carries out only settlements (which add nothing to write) and holds the
-//! first other command until the writer drains them (TCP back-pressure for everything else). The read
-//! buffer is reused while nothing cut from it is alive (see `make_room`); the machine keeps no
-//! slice of it past a read.
+//! first other command until the writer drains them (TCP back-pressure for everything else).
+//! The read buffer is reused while nothing cut from it is alive (see `make_room`); the machine
+//! keeps no slice of it past a read.
 
 use std::cell::{Cell, RefCell};
 use std::future::poll_fn;
@@ -43,6 +43,13 @@ struct Fed {
     held: Option<Command>,
     /// Input left unparsed until the backlog drains.
     stalled: bool,
+}
+
+impl Fed {
+    /// What the next pass must start from: the held command and whether input was left.
+    fn left_over(self) -> (Option<Command>, bool) {
+        (self.held, self.stalled)
+    }
 }
 
 /// One live connection, as its shard sees it.
@@ -277,35 +284,22 @@ impl Connection {
                     }
                     return;
                 }
-                if self.pending_outbound_bytes() > limit {
-                    if held.is_some() || input_stalled {
-                        self.drained.wait().await;
-                    } else if self.shard.is_backlogged() {
-                        self.shard.outbox_drained.wait().await;
-                    } else {
-                        break;
-                    }
-                } else if let Some(command) = held.take() {
-                    // The backlog drained: carry out what waited, then the rest of the input.
-                    self.session.execute(command).await;
-                    let fed = self.feed(&mut input, limit).await;
-                    held = fed.held;
-                    input_stalled = fed.stalled;
-                    if !self.machine.borrow_mut().outbound().is_empty() {
-                        self.write_wanted.notify();
-                    }
-                } else if input_stalled {
-                    let fed = self.feed(&mut input, limit).await;
-                    held = fed.held;
-                    input_stalled = fed.stalled;
-                    if !self.machine.borrow_mut().outbound().is_empty() {
-                        self.write_wanted.notify();
-                    }
+                let over = self.pending_outbound_bytes() > limit;
+                if over && (held.is_some() || input_stalled) {
+                    self.drained.wait().await;
                 } else if self.shard.is_backlogged() {
                     self.shard.outbox_drained.wait().await;
-                } else if self.publishing_blocked() {
+                } else if !over && self.publishing_blocked() {
+                    // (Over the limit, a publisher's settlements are still read; its publishes
+                    // wait as held commands.)
                     self.reader_paused.set(true);
                     self.hold_off_publisher().await;
+                } else if held.is_some() || input_stalled {
+                    // The backlog drained: carry out what waited, then the rest of the input.
+                    if let Some(command) = held.take() {
+                        self.session.execute(command).await;
+                    }
+                    (held, input_stalled) = self.feed(&mut input, limit).await.left_over();
                 } else {
                     break;
                 }
@@ -338,13 +332,9 @@ impl Connection {
             let now = Instant::now();
             self.last_read.set(now);
             let fed = self.feed(&mut input, limit).await;
-            held = fed.held;
-            input_stalled = fed.stalled;
             // After a full read more is waiting already: read it at once.
             streaming = meter.observe(now, fed.streamed, fed.asked_something, read < asked);
-            if !self.machine.borrow_mut().outbound().is_empty() {
-                self.write_wanted.notify();
-            }
+            (held, input_stalled) = fed.left_over();
             if self.shard.wants_flush() {
                 futures_lite::future::yield_now().await;
             }
@@ -403,7 +393,14 @@ impl Connection {
                 }
             }
         }
-        fed.asked_something |= self.machine.borrow_mut().take_answered_itself();
+        let wrote = {
+            let mut machine = self.machine.borrow_mut();
+            fed.asked_something |= machine.take_answered_itself();
+            !machine.outbound().is_empty()
+        };
+        if wrote {
+            self.write_wanted.notify();
+        }
         fed
     }
 
