@@ -227,7 +227,7 @@ def report(machine, runs, command, duration, backlog):
               "2026-12-03) at the price of up to 1 ms of latency for those clients; the fixed-rate "
               "scenarios stay below its threshold. RabbitMQ has no equivalent setting.",
               "- The fixed-rate scenarios space publishes evenly (as PerfTest's rate limiter does), so "
-              "each message wakes the brokers on its own. Runs before 2026-12-03 04:00 used an amqprs "
+              "each message wakes the brokers on its own. Runs before 2026-12-03 03:16 used an amqprs "
               "generator whose timer sent them in bursts once per millisecond: their CPU per message "
               "at fixed rates is not comparable with later runs.", ""]
     return "\n".join(lines)
