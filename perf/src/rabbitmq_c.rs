@@ -658,9 +658,10 @@ impl Connection {
         }
         let decoded = frame.method.decoded;
         match frame.method.id {
-            // SAFETY: a decoded basic.ack and basic.nack both start with the tag and the
-            // multiple flag (`amqp_basic_ack_t`, `amqp_basic_nack_t`).
             BASIC_ACK | BASIC_NACK if !decoded.is_null() => {
+                // SAFETY: a decoded basic.ack and basic.nack both start with the tag and the
+                // multiple flag (`amqp_basic_ack_t`, `amqp_basic_nack_t`), and live in the
+                // connection's pool until its next read.
                 let ack = unsafe { &*decoded.cast::<BasicAck>() };
                 Ok(Some(if frame.method.id == BASIC_ACK {
                     Event::Confirmed {
