@@ -10,17 +10,12 @@ use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 
-use common::raw::{method_frame, RawClient, RawFrame};
+use common::raw::{close_arguments, method_frame, short_string, RawClient, RawFrame};
 use common::{assert_broker_serves, lapin_channel, lapin_publish, rss_bytes, Broker};
 
 const MESSAGES: u64 = 40_000;
 /// Their acks (22 bytes each) are more than the broker's socket buffer and the client's hold.
 const READ_BEFORE_ACKING: u64 = 20_000;
-
-fn short_string(out: &mut Vec<u8>, value: &str) {
-    out.push(value.len() as u8);
-    out.extend_from_slice(value.as_bytes());
-}
 
 /// The delivery tag of a basic.deliver method frame (60, 60), if it is one.
 fn delivery_tag(frame: &RawFrame) -> Option<u64> {
@@ -133,10 +128,7 @@ async fn a_consumer_blocked_writing_acks_is_still_read() {
         }
         // Close cleanly: closing with the last delivery's frames unread would reset the socket
         // and drop acks still on their way.
-        let mut close = 200u16.to_be_bytes().to_vec();
-        short_string(&mut close, "");
-        close.extend_from_slice(&[0, 0, 0, 0]);
-        client.send(&method_frame(0, 10, 50, &close));
+        client.send(&method_frame(0, 10, 50, &close_arguments(200)));
         while let Some(frame) = client.read_method() {
             if frame.method_ids() == Some((10, 51)) {
                 break;
@@ -207,10 +199,7 @@ async fn a_client_that_does_not_read_cannot_grow_the_backlog_with_requests() {
         let mut pairs = Vec::new();
         for _ in 0..1024 {
             pairs.extend(method_frame(1, 20, 10, &[0]));
-            let mut close = 200u16.to_be_bytes().to_vec();
-            short_string(&mut close, "");
-            close.extend_from_slice(&[0, 0, 0, 0]);
-            pairs.extend(method_frame(1, 20, 40, &close));
+            pairs.extend(method_frame(1, 20, 40, &close_arguments(200)));
         }
         // Up to 256 MiB of requests, whose answers would take about as much.
         let mut written = 0usize;

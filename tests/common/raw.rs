@@ -55,7 +55,15 @@ pub fn frame(frame_type: u8, channel: u16, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-fn short_string(out: &mut Vec<u8>, value: &str) {
+/// The arguments of a connection.close or channel.close: `code`, no text, no failing method.
+pub fn close_arguments(code: u16) -> Vec<u8> {
+    let mut arguments = code.to_be_bytes().to_vec();
+    short_string(&mut arguments, "");
+    arguments.extend_from_slice(&[0, 0, 0, 0]);
+    arguments
+}
+
+pub fn short_string(out: &mut Vec<u8>, value: &str) {
     out.push(value.len() as u8);
     out.extend_from_slice(value.as_bytes());
 }
