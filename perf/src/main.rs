@@ -165,6 +165,7 @@ fn produce(
     if options.confirm.is_some() {
         connection.confirm_select()?;
     }
+    connection.batch_writes();
     let (exchange, routing_key) = target(options, index);
     let properties = rabbitmq_c::properties(options.persistent);
     let mut body = vec![0u8; options.size.max(16)];
@@ -187,6 +188,7 @@ fn produce(
             // Evenly spaced, as PerfTest's rate limiter spaces them.
             let due = started + Duration::from_secs_f64(sent as f64 / rate);
             if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                connection.flush()?;
                 thread::sleep(wait);
             }
         }
@@ -231,6 +233,7 @@ fn consume(
         &queue_name(options, index % options.queues),
         options.auto_ack,
     )?;
+    connection.batch_writes();
     let mut local =
         Histogram::<u64>::new_with_bounds(1, 60_000_000_000, 3).map_err(|e| e.to_string())?;
     let mut unacked = 0u64;

@@ -14,6 +14,8 @@
 //! Layouts mirror `amqp.h` and `amqp_framing.h` of rabbitmq-c 0.9 to 0.14 (soname 4), x86-64
 //! and aarch64 Linux. Every value the library hands back is read only through these wrappers.
 
+mod socket;
+
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::ptr;
 use std::sync::OnceLock;
@@ -333,6 +335,10 @@ pub struct Connection {
     api: &'static Api,
     state: State,
     envelope: Option<Box<Envelope>>,
+    /// The socket's write batching (see `socket`), freed after the state; null before the
+    /// socket is open.
+    socket: *mut c_void,
+    batching: *mut socket::Batching,
 }
 
 // SAFETY: a connection state is used by one thread at a time (rabbitmq-c's rule); moving it to
@@ -362,6 +368,8 @@ impl Connection {
             api,
             state,
             envelope: None,
+            socket: ptr::null_mut(),
+            batching: ptr::null_mut(),
         };
         connection.handshake(target, name)?;
         Ok(connection)
@@ -384,6 +392,9 @@ impl Connection {
                 self.error(status)
             ));
         }
+        // SAFETY: an open socket of this state, used by this thread only.
+        self.batching = unsafe { socket::Batching::install(socket.cast()) };
+        self.socket = socket;
         let key = b"connection_name";
         let entry = TableEntry {
             key: Bytes::of(key),
@@ -554,7 +565,27 @@ impl Connection {
         self.last_reply("basic.consume")
     }
 
-    /// Publishes one message (its frames written with one `send`).
+    /// From now on, writes wait until the connection next reads (or 64 KiB wait, or `flush`),
+    /// so that one `send` carries many publishes or acks.
+    pub fn batch_writes(&mut self) {
+        // SAFETY: installed in `open` (or null), freed only in drop; no library call is running.
+        if let Some(batching) = unsafe { self.batching.as_mut() } {
+            batching.hold(true);
+        }
+    }
+
+    /// Sends the writes `batch_writes` held back.
+    pub fn flush(&mut self) -> Result<(), String> {
+        // SAFETY: as in `batch_writes`.
+        let Some(batching) = (unsafe { self.batching.as_mut() }) else {
+            return Ok(());
+        };
+        // SAFETY: the socket it was installed on.
+        let status = unsafe { batching.flush(self.socket) };
+        self.status(status as c_int, "send")
+    }
+
+    /// Publishes one message.
     pub fn publish(
         &mut self,
         exchange: &str,
@@ -704,6 +735,10 @@ impl Drop for Connection {
             (api.channel_close)(self.state, CHANNEL, REPLY_SUCCESS);
             (api.connection_close)(self.state, REPLY_SUCCESS);
             (api.destroy_connection)(self.state);
+        }
+        if !self.batching.is_null() {
+            // SAFETY: from Box::into_raw in `install`; the socket went with the state above.
+            drop(unsafe { Box::from_raw(self.batching) });
         }
     }
 }
