@@ -2,7 +2,8 @@
 //! (only their place in the log stays) and are read back, in order, when delivered. Checked
 //! through a real client: order and bodies survive paging, a restart, a crash and compaction of
 //! segments whose live messages are paged out; the broker's memory does not grow with the
-//! backlog, and a publisher faster than paging is held off.
+//! backlog, a publisher faster than paging is held off, and one faster than its consumer waits
+//! for it instead of paging.
 
 mod common;
 
@@ -117,6 +118,33 @@ async fn ready(channel: &Channel, queue: &str) -> u32 {
     let mut passive = QueueDeclareArguments::new(queue);
     passive.passive(true);
     channel.queue_declare(passive).await.unwrap().unwrap().1
+}
+
+/// A broker with a 64 KiB budget whose queues live on the shard of the connection declaring
+/// them, and a channel that declared the (non-durable) `queue`.
+async fn small_budget_broker(queue: &str) -> (Broker, amqprs::connection::Connection, Channel) {
+    let config = "[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 65536\n";
+    let broker = Broker::start_with_config(config);
+    let (connection, channel, _) = open_channel(&broker).await;
+    channel
+        .queue_declare(QueueDeclareArguments::new(queue))
+        .await
+        .unwrap();
+    (broker, connection, channel)
+}
+
+/// Publishes messages 0..count, transient and without confirms, as fast as the client goes.
+async fn publish_unconfirmed(channel: &Channel, queue: &str, count: u64, size: usize) {
+    for n in 0..count {
+        channel
+            .basic_publish(
+                BasicProperties::default(),
+                body(n, size),
+                BasicPublishArguments::new("", queue),
+            )
+            .await
+            .unwrap();
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,13 +343,7 @@ async fn a_publisher_faster_than_paging_is_paused() {
     const MESSAGES: u64 = 20_000;
     // A 64 KiB budget: the pager writes out a quarter of it per log sync, far slower than
     // this publisher sends, so the alarm must hold it.
-    let config = "[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 65536\n";
-    let broker = Broker::start_with_config(config);
-    let (_c, channel, _) = open_channel(&broker).await;
-    channel
-        .queue_declare(QueueDeclareArguments::new("firehose"))
-        .await
-        .unwrap();
+    let (broker, _c, channel) = small_budget_broker("firehose").await;
     let baseline = rss_bytes(broker.pid());
     let pid = broker.pid();
     let sampling = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -336,16 +358,7 @@ async fn a_publisher_faster_than_paging_is_paused() {
             peak
         })
     };
-    for n in 0..MESSAGES {
-        channel
-            .basic_publish(
-                BasicProperties::default(),
-                body(n, SIZE),
-                BasicPublishArguments::new("", "firehose"),
-            )
-            .await
-            .unwrap();
-    }
+    publish_unconfirmed(&channel, "firehose", MESSAGES, SIZE).await;
     // Everything published has arrived once the queue holds it all.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
     while u64::from(ready(&channel, "firehose").await) < MESSAGES {
@@ -370,6 +383,56 @@ async fn a_publisher_faster_than_paging_is_paused() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
+}
+
+/// A publisher faster than its queue's consumer (here one with prefetch 1, a round trip per
+/// message): past the budget the broker holds the publisher back while the consumer drains the
+/// excess, instead of writing out messages about to be delivered (as RabbitMQ's flow control
+/// slows a publisher to its queue). Nothing is paged, memory stays bounded, nothing is lost and
+/// the order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publisher_faster_than_its_consumer_waits_instead_of_paging() {
+    const SIZE: usize = 4096;
+    const MESSAGES: u64 = 5_000;
+    let (broker, _c, channel) = small_budget_broker("stream").await;
+    let (_d, consumer, _) = open_channel(&broker).await;
+    let (_, mut rx) = consume_with_prefetch(&consumer, "stream", "", 1).await;
+    let received = tokio::spawn(async move {
+        let mut numbers = Vec::new();
+        while (numbers.len() as u64) < MESSAGES {
+            let message = tokio::time::timeout(Duration::from_secs(30), rx.recv())
+                .await
+                .expect("a delivery in time")
+                .expect("channel open");
+            numbers.push(number(&message.content.unwrap(), SIZE));
+            let tag = message.deliver.unwrap().delivery_tag();
+            consumer
+                .basic_ack(BasicAckArguments::new(tag, false))
+                .await
+                .unwrap();
+        }
+        numbers
+    });
+    let baseline = rss_bytes(broker.pid());
+    publish_unconfirmed(&channel, "stream", MESSAGES, SIZE).await;
+    let numbers = received.await.unwrap();
+    assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
+    let grown = rss_bytes(broker.pid()).saturating_sub(baseline);
+    let data = MESSAGES * SIZE as u64;
+    let written = log_bytes(&broker.data_path());
+    eprintln!("publisher waits: RSS grew by {grown} bytes, log holds {written}, for {data} bytes");
+    assert!(
+        broker.log_contains("publishers wait for consumers"),
+        "the publisher was held back"
+    );
+    assert!(
+        written < data / 8,
+        "{written} bytes written out for {data} bytes of messages a consumer took"
+    );
+    assert!(
+        grown < data / 4,
+        "RSS grew by {grown} bytes for {data} bytes published"
+    );
 }
 
 /// A no-ack consumer settles persistent messages for good: they do not come back after a

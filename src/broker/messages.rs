@@ -315,11 +315,22 @@ pub enum ShardMessage {
         token: u64,
         reply: Reply,
     },
-    /// To every other shard: the sender's queues hold more messages in memory than paging
-    /// keeps up with (`paused`), or are back under their budget. Publishers wait meanwhile.
+    /// To every other shard: whether the sender holds publishers back, and why.
     Flow {
-        paused: bool,
+        state: PublisherFlow,
     },
+}
+
+/// Whether a shard holds every shard's publishers back (they stop reading), and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PublisherFlow {
+    Open,
+    /// Its consumers are taking its messages over the memory budget faster than paging them out
+    /// would (RabbitMQ's "flow": publishers just wait, nobody is told).
+    Draining,
+    /// It holds more messages in memory than paging keeps up with (the memory alarm: clients
+    /// that asked are sent connection.blocked).
+    MemoryAlarm,
 }
 
 impl ShardMessage {

@@ -12,7 +12,9 @@
 //!
 //! Memory: the pager keeps ready messages near `queues.memory_budget_bytes`; past twice that
 //! (ready and unacked messages) the shard raises its memory alarm (`check_flow`), and every
-//! shard's publishing connections stop reading until it clears.
+//! shard's publishing connections stop reading until it clears. Past the budget while consumers
+//! take the excess fast enough, publishers wait for them instead of the pager writing it out
+//! (`check_drain`).
 //!
 //! Invariant: a queue in `queues` is owned by this shard in every routing table copy.
 
@@ -33,7 +35,7 @@ use shards::record::{self, RECORD_HEADER_BYTES};
 use shards::wal::{LoggedIds, LoggedQueue, MessageRecord, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
-use super::messages::{MetaRequest, QueueKey, QueueName, Reply, ShardMessage};
+use super::messages::{MetaRequest, PublisherFlow, QueueKey, QueueName, Reply, ShardMessage};
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
@@ -71,6 +73,11 @@ const OUTBOX_BYTES_MAX: usize = 16 << 20;
 const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(5);
 /// Publishers paused this long without memory falling resume (see `ShardBroker::check_flow`).
 const FLOW_STALL: Duration = Duration::from_secs(1);
+/// While publishers wait for consumers to drain the excess over the budget, memory must fall by
+/// a sixteenth of the budget every `DRAIN_WINDOW`, or the shard pages instead and does not wait
+/// for consumers again for `DRAIN_REFUSED_FOR` (see `ShardBroker::check_drain`).
+const DRAIN_WINDOW: Duration = Duration::from_millis(50);
+const DRAIN_REFUSED_FOR: Duration = Duration::from_secs(1);
 /// When the log left a sparse segment to drain, reclaiming runs again after this even if no
 /// settlement asks for it.
 const RECLAIM_RETRY: Duration = Duration::from_secs(1);
@@ -177,13 +184,15 @@ pub struct ShardBroker {
     page_out_writes: Cell<usize>,
     /// Queues with a page-in under way.
     paging_in: RefCell<ahash::HashSet<QueueKey>>,
-    /// Per shard (this one included): whether its messages in memory are over the flow limit.
-    /// Publishing connections do not read while any is.
-    flow_paused: RefCell<Vec<bool>>,
-    /// Raised when no shard is over the flow limit any more.
+    /// Per shard (this one included): whether it holds publishers back. Publishing connections
+    /// do not read while any does.
+    flow: RefCell<Vec<PublisherFlow>>,
+    /// Raised when no shard holds publishers back any more.
     pub flow_resumed: Signal,
-    /// This shard pauses publishers past this many bytes of messages in memory.
+    /// This shard raises its memory alarm past this many bytes of messages in memory.
     flow_limit: Cell<usize>,
+    /// Until then, this shard pages rather than waiting for its consumers (they were too slow).
+    drain_refused_until: Cell<Option<Instant>>,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
     /// Reused by `dispatch`, so that handing out messages does not grow a vector each time.
@@ -235,7 +244,8 @@ impl ShardBroker {
             page_out_floor: Cell::new(0),
             page_out_writes: Cell::new(0),
             paging_in: RefCell::new(ahash::HashSet::default()),
-            flow_paused: RefCell::new(vec![false; shard_count]),
+            flow: RefCell::new(vec![PublisherFlow::Open; shard_count]),
+            drain_refused_until: Cell::new(None),
             flow_resumed: Signal::default(),
             flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
             meta_log: RefCell::new(None),
@@ -293,19 +303,30 @@ impl ShardBroker {
         self.outbox.borrow().iter().map(Vec::len).sum()
     }
 
-    /// Whether publishers should stop reading: some shard holds more messages in memory than
-    /// paging keeps up with.
+    /// Whether publishers should stop reading: some shard holds them back.
     pub fn publishers_paused(&self) -> bool {
-        self.flow_paused.borrow().iter().any(|paused| *paused)
+        self.flow
+            .borrow()
+            .iter()
+            .any(|&state| state != PublisherFlow::Open)
     }
 
-    fn set_flow(&self, shard: ShardId, paused: bool) {
-        let mut flags = self.flow_paused.borrow_mut();
-        if let Some(flag) = flags.get_mut(shard.index()) {
-            *flag = paused;
+    /// Whether some shard has raised its memory alarm (clients are told they are blocked).
+    pub fn memory_alarm(&self) -> bool {
+        self.flow.borrow().contains(&PublisherFlow::MemoryAlarm)
+    }
+
+    fn own_flow(&self) -> PublisherFlow {
+        self.flow.borrow()[self.id.index()]
+    }
+
+    fn set_flow(&self, shard: ShardId, state: PublisherFlow) {
+        let mut states = self.flow.borrow_mut();
+        if let Some(slot) = states.get_mut(shard.index()) {
+            *slot = state;
         }
-        if !flags.iter().any(|paused| *paused) {
-            drop(flags);
+        if states.iter().all(|&state| state == PublisherFlow::Open) {
+            drop(states);
             self.flow_resumed.notify_all();
         }
     }
@@ -317,8 +338,9 @@ impl ShardBroker {
     /// not fallen for `FLOW_STALL` and the pager has no write under way, they resume and the
     /// limit moves a budget above. (A slow disk keeps them paused: its writes are under way.)
     fn check_flow(self: &Rc<Self>) {
-        let paused = self.flow_paused.borrow()[self.id.index()];
-        if paused || self.messages_in_memory() <= self.flow_limit.get() {
+        if self.own_flow() != PublisherFlow::Open
+            || self.messages_in_memory() <= self.flow_limit.get()
+        {
             return;
         }
         info!(
@@ -329,8 +351,75 @@ impl ShardBroker {
             self.meter.unacked_bytes(),
             self.memory_budget
         );
-        self.announce_flow(true);
+        self.announce_flow(PublisherFlow::MemoryAlarm);
         glommio::spawn_local(self.clone().watch_flow()).detach();
+    }
+
+    /// Holds publishers back, instead of paging, once ready messages pass the memory budget
+    /// while a queue here has consumers: if they take messages faster than the publishers send
+    /// them, waiting for them costs nothing but the publishers' pace (as RabbitMQ's credit flow
+    /// slows a publisher to its queue's), where paging would write out and read back messages
+    /// that were about to be delivered. Consumers that do not bring memory down by a sixteenth
+    /// of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
+    /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`.
+    fn check_drain(self: &Rc<Self>) {
+        if self.own_flow() != PublisherFlow::Open
+            || self.meter.bytes() <= self.memory_budget
+            || self
+                .drain_refused_until
+                .get()
+                .is_some_and(|until| Instant::now() < until)
+        {
+            return;
+        }
+        let consumed = self
+            .queues
+            .borrow()
+            .values()
+            .any(|owned| owned.queue.consumer_count() > 0 && owned.queue.message_count() > 0);
+        if !consumed {
+            return;
+        }
+        debug!(
+            "{}: {} bytes of ready messages (budget {}): publishers wait for consumers",
+            self.id,
+            self.meter.bytes(),
+            self.memory_budget
+        );
+        self.announce_flow(PublisherFlow::Draining);
+        glommio::spawn_local(self.clone().watch_drain()).detach();
+    }
+
+    /// While publishers wait for consumers: lets them go once memory is under three quarters of
+    /// the budget, or pages if it does not fall fast enough.
+    async fn watch_drain(self: Rc<Self>) {
+        let resume_at = self.memory_budget / 4 * 3;
+        // The window's highest point: what was read before publishers stopped still arrives.
+        let (mut since, mut highest) = (Instant::now(), self.meter.bytes());
+        loop {
+            glommio::timer::sleep(FLOW_CHECK_INTERVAL).await;
+            let now = self.meter.bytes();
+            if now <= resume_at {
+                break;
+            }
+            highest = highest.max(now);
+            if since.elapsed() >= DRAIN_WINDOW {
+                if highest - now < self.memory_budget / 16 {
+                    info!(
+                        "{}: consumers drain {} bytes of messages too slowly: paging instead",
+                        self.id, now
+                    );
+                    self.drain_refused_until
+                        .set(Some(Instant::now() + DRAIN_REFUSED_FOR));
+                    self.announce_flow(PublisherFlow::Open);
+                    self.page_out_floor.set(0);
+                    self.maybe_page_out();
+                    return;
+                }
+                (since, highest) = (Instant::now(), now);
+            }
+        }
+        self.announce_flow(PublisherFlow::Open);
     }
 
     /// While this shard holds publishers: runs the pager (which otherwise runs on publishes)
@@ -363,7 +452,7 @@ impl ShardBroker {
                 break;
             }
         }
-        self.announce_flow(false);
+        self.announce_flow(PublisherFlow::Open);
         release_free_memory();
     }
 
@@ -372,11 +461,11 @@ impl ShardBroker {
         self.meter.bytes() + self.meter.unacked_bytes()
     }
 
-    fn announce_flow(self: &Rc<Self>, paused: bool) {
-        self.set_flow(self.id, paused);
+    fn announce_flow(self: &Rc<Self>, state: PublisherFlow) {
+        self.set_flow(self.id, state);
         for peer in (0..self.shard_count).map(ShardId) {
             if peer != self.id {
-                self.post(peer, ShardMessage::Flow { paused });
+                self.post(peer, ShardMessage::Flow { state });
             }
         }
     }
@@ -571,6 +660,7 @@ impl ShardBroker {
                     }
                     self.dispatch(&key);
                 }
+                self.check_drain();
                 self.maybe_page_out();
                 self.check_flow();
                 if let Some(confirm) = confirm {
@@ -579,7 +669,7 @@ impl ShardBroker {
                     });
                 }
             }
-            ShardMessage::Flow { paused } => self.set_flow(from, paused),
+            ShardMessage::Flow { state } => self.set_flow(from, state),
             ShardMessage::Confirmed { to, ok } => {
                 let port = self.connections.borrow().get(&to.connection).cloned();
                 if let Some(port) = port {
@@ -1080,7 +1170,9 @@ impl ShardBroker {
     /// PagedOut records and paged once those are synced.
     fn maybe_page_out(self: &Rc<Self>) {
         let used = self.meter.bytes();
-        if used <= self.memory_budget.max(self.page_out_floor.get()) {
+        if used <= self.memory_budget.max(self.page_out_floor.get())
+            || self.own_flow() == PublisherFlow::Draining
+        {
             return;
         }
         let Some(wal) = self.wal.borrow().clone() else {

@@ -416,7 +416,7 @@ impl Connection {
     /// Waits until flow control lets publishers go on (or the connection closes), telling a
     /// client that asked for it with connection.blocked and connection.unblocked.
     async fn hold_off_publisher(&self) {
-        let notify = self.machine.borrow().client().connection_blocked;
+        let notify = self.machine.borrow().client().connection_blocked && self.shard.memory_alarm();
         if notify {
             let reason = ShortStr::from_static("low on memory");
             self.session.send(0, ConnectionBlocked { reason });
