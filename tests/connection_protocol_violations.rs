@@ -185,3 +185,24 @@ async fn a_client_that_never_finishes_the_handshake_is_dropped() {
     .unwrap();
     assert_broker_serves(&broker).await;
 }
+
+/// A client that never answers our connection.close is dropped after `close_timeout_ms`, also
+/// on a connection without heartbeats (whose timer otherwise sleeps until the connection
+/// closes).
+#[tokio::test]
+async fn a_client_that_never_sends_close_ok_is_dropped() {
+    let broker = Broker::start_with_config("[connection]\nclose_timeout_ms = 300\n");
+    let addr = broker.addr;
+    tokio::task::spawn_blocking(move || {
+        let mut client = RawClient::handshake(addr, 8, 0, 0);
+        assert_eq!(client.open_channel(8).unwrap().method_ids(), Some((20, 11)));
+        // Past the handshake's 500 ms tick: the timer now sleeps until something wakes it.
+        std::thread::sleep(Duration::from_millis(700));
+        let close = client.open_channel(9).expect("connection.close");
+        assert_eq!(close.close_code(), Some(530));
+        assert!(client.closed_within(Duration::from_secs(5)));
+    })
+    .await
+    .unwrap();
+    assert_broker_serves(&broker).await;
+}

@@ -5,7 +5,8 @@
 //! - the writer swaps the machine's outbound buffer for an empty one and writes it in one go, so
 //!   every frame produced since the last write shares one `send`;
 //! - the timer sends heartbeats, disconnects a silent peer after two intervals, and enforces the
-//!   handshake and close timeouts.
+//!   handshake and close timeouts (an open connection without heartbeats has none of these due:
+//!   its timer sleeps until the writer sends our connection.close, or the connection ends).
 //!
 //! Invariants: the socket is shared through a `RefCell` that is borrowed only inside one `poll_*`
 //! call, never across an await. When more than `outbound_buffer_bytes_max` bytes wait to be
@@ -76,6 +77,9 @@ pub struct Connection {
     answered_over_limit: Cell<usize>,
     /// Wakes a reader held off by flow control when the connection starts closing.
     closing: Notify,
+    /// Wakes a timer that idles (an open connection without heartbeats) when the connection
+    /// starts closing: the close handshake has a deadline.
+    timer_wanted: Notify,
     finished: Event,
     last_read: Cell<Instant>,
     last_write: Cell<Instant>,
@@ -190,6 +194,7 @@ impl Connection {
             reader_paused: Cell::new(false),
             answered_over_limit: Cell::new(0),
             closing: Notify::default(),
+            timer_wanted: Notify::default(),
             finished: Event::default(),
             last_read: Cell::new(now),
             last_write: Cell::new(now),
@@ -206,6 +211,7 @@ impl Connection {
         self.machine.borrow_mut().begin_shutdown();
         self.write_wanted.notify();
         self.closing.notify();
+        self.timer_wanted.notify();
     }
 
     /// Gives up on the peer: no more reads or writes, and the socket is shut down so that a
@@ -216,6 +222,7 @@ impl Connection {
         self.write_wanted.notify();
         self.drained.notify();
         self.closing.notify();
+        self.timer_wanted.notify();
     }
 
     /// Runs the connection to its end. Spawns the writer and the timer, reads until the peer or
@@ -463,6 +470,10 @@ impl Connection {
                     false
                 } else {
                     std::mem::swap(machine.outbound(), &mut buffer);
+                    if machine.phase() == Phase::Closing {
+                        // This write holds our connection.close: its close-ok has a deadline.
+                        self.timer_wanted.notify();
+                    }
                     true
                 }
             };
@@ -504,12 +515,18 @@ impl Connection {
         loop {
             let heartbeat = self.machine.borrow().heartbeat_secs();
             let tick = match heartbeat {
-                Some(secs) => Duration::from_millis(u64::from(secs) * 500),
-                None => Duration::from_millis(500),
+                Some(secs) => Some(Duration::from_millis(u64::from(secs) * 500)),
+                // Open without heartbeats, nothing is due until the connection closes: a
+                // thousand idle connections must not wake the shard twice a second each.
+                None if self.phase() == Phase::Open => None,
+                None => Some(Duration::from_millis(500)),
             };
             let finished = futures_lite::future::or(
                 async {
-                    glommio::timer::sleep(tick).await;
+                    match tick {
+                        Some(tick) => glommio::timer::sleep(tick).await,
+                        None => self.timer_wanted.wait().await,
+                    }
                     false
                 },
                 async {
