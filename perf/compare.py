@@ -229,7 +229,17 @@ def report(machine, runs, command, duration, backlog):
               "- The fixed-rate scenarios space publishes evenly (as PerfTest's rate limiter does), so "
               "each message wakes the brokers on its own. Runs before 2026-12-03 03:16 used an amqprs "
               "generator whose timer sent them in bursts once per millisecond: their CPU per message "
-              "at fixed rates is not comparable with later runs.", ""]
+              "at fixed rates is not comparable with later runs.",
+              "- The generator holds what rabbitmq-c writes until the connection next reads (or 64 KiB "
+              "wait, or a rate-limited producer is about to sleep), so one send carries many publishes "
+              "or acks, as a client writing through a buffered stream does; both brokers get the same "
+              "byte stream. Runs before 2026-12-03 04:56 wrote every frame with a send of its own, which "
+              "left the unthrottled scenarios generator-bound on 2 cores: their rates are not comparable "
+              "with later runs.",
+              "- Unthrottled publishers can outrun a queue's consumers. RabbitMQ's credit flow slows a "
+              "publisher to its queue's pace; shardmq, once past its memory budget with consumers "
+              "attached, holds publishers until the consumers bring memory back under three quarters "
+              "of it (runs from 2026-12-03 05:36 on; before, it paged such messages out and read them back).", ""]
     return "\n".join(lines)
 
 
