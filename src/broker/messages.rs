@@ -315,18 +315,20 @@ pub enum ShardMessage {
         token: u64,
         reply: Reply,
     },
-    /// To every other shard: whether the sender holds publishers back, and why.
+    /// To other shards: whether the sender holds their publishers back, and why (the alarm goes
+    /// to every shard, waiting for consumers to those whose publishers feed the sender).
     Flow {
         state: PublisherFlow,
     },
 }
 
-/// Whether a shard holds every shard's publishers back (they stop reading), and why.
+/// Whether a shard holds publishers back (they stop reading), and why.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PublisherFlow {
     Open,
     /// Its consumers are taking its messages over the memory budget faster than paging them out
-    /// would (RabbitMQ's "flow": publishers just wait, nobody is told).
+    /// would (RabbitMQ's "flow": publishers just wait, nobody is told). Sent only to the shards
+    /// whose publishers sent it messages lately.
     Draining,
     /// It holds more messages in memory than paging keeps up with (the memory alarm: clients
     /// that asked are sent connection.blocked).

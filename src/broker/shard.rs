@@ -193,6 +193,10 @@ pub struct ShardBroker {
     flow_limit: Cell<usize>,
     /// Until then, this shard pages rather than waiting for its consumers (they were too slow).
     drain_refused_until: Cell<Option<Instant>>,
+    /// Per shard: whether its publishers sent messages here since `check_drain` last looked.
+    publishers_from: Vec<Cell<bool>>,
+    /// Whether publishers wait for this shard's consumers (`check_drain`); never with the alarm.
+    draining: Cell<bool>,
     /// The metadata log (the coordinator's shard only).
     meta_log: RefCell<Option<Rc<LogWriter>>>,
     /// Reused by `dispatch`, so that handing out messages does not grow a vector each time.
@@ -246,6 +250,8 @@ impl ShardBroker {
             paging_in: RefCell::new(ahash::HashSet::default()),
             flow: RefCell::new(vec![PublisherFlow::Open; shard_count]),
             drain_refused_until: Cell::new(None),
+            publishers_from: (0..shard_count).map(|_| Cell::new(false)).collect(),
+            draining: Cell::new(false),
             flow_resumed: Signal::default(),
             flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
             meta_log: RefCell::new(None),
@@ -338,7 +344,8 @@ impl ShardBroker {
     /// not fallen for `FLOW_STALL` and the pager has no write under way, they resume and the
     /// limit moves a budget above. (A slow disk keeps them paused: its writes are under way.)
     fn check_flow(self: &Rc<Self>) {
-        if self.own_flow() != PublisherFlow::Open
+        if self.draining.get()
+            || self.own_flow() != PublisherFlow::Open
             || self.messages_in_memory() <= self.flow_limit.get()
         {
             return;
@@ -361,9 +368,12 @@ impl ShardBroker {
     /// slows a publisher to its queue's), where paging would write out and read back messages
     /// that were about to be delivered. Consumers that do not bring memory down by a sixteenth
     /// of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
-    /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`.
+    /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`. Only the shards
+    /// whose publishers sent messages here since the last look are told (waiting is routine,
+    /// unlike the alarm, and must not stall unrelated traffic); each holds all its publishers.
     fn check_drain(self: &Rc<Self>) {
-        if self.own_flow() != PublisherFlow::Open
+        if self.draining.get()
+            || self.own_flow() != PublisherFlow::Open
             || self.meter.bytes() <= self.memory_budget
             || self
                 .drain_refused_until
@@ -377,7 +387,11 @@ impl ShardBroker {
             .borrow()
             .values()
             .any(|owned| owned.queue.consumer_count() > 0 && owned.queue.message_count() > 0);
-        if !consumed {
+        let sources: Vec<ShardId> = (0..self.shard_count)
+            .map(ShardId)
+            .filter(|shard| self.publishers_from[shard.index()].replace(false))
+            .collect();
+        if !consumed || sources.is_empty() {
             return;
         }
         debug!(
@@ -386,13 +400,14 @@ impl ShardBroker {
             self.meter.bytes(),
             self.memory_budget
         );
-        self.announce_flow(PublisherFlow::Draining);
-        glommio::spawn_local(self.clone().watch_drain()).detach();
+        self.draining.set(true);
+        self.tell_flow(&sources, PublisherFlow::Draining);
+        glommio::spawn_local(self.clone().watch_drain(sources)).detach();
     }
 
     /// While publishers wait for consumers: lets them go once memory is under three quarters of
     /// the budget, or pages if it does not fall fast enough.
-    async fn watch_drain(self: Rc<Self>) {
+    async fn watch_drain(self: Rc<Self>, sources: Vec<ShardId>) {
         let resume_at = self.memory_budget / 4 * 3;
         // The window's highest point: what was read before publishers stopped still arrives.
         let (mut since, mut highest) = (Instant::now(), self.meter.bytes());
@@ -411,7 +426,8 @@ impl ShardBroker {
                     );
                     self.drain_refused_until
                         .set(Some(Instant::now() + DRAIN_REFUSED_FOR));
-                    self.announce_flow(PublisherFlow::Open);
+                    self.draining.set(false);
+                    self.tell_flow(&sources, PublisherFlow::Open);
                     self.page_out_floor.set(0);
                     self.maybe_page_out();
                     return;
@@ -419,7 +435,8 @@ impl ShardBroker {
                 (since, highest) = (Instant::now(), now);
             }
         }
-        self.announce_flow(PublisherFlow::Open);
+        self.draining.set(false);
+        self.tell_flow(&sources, PublisherFlow::Open);
     }
 
     /// While this shard holds publishers: runs the pager (which otherwise runs on publishes)
@@ -462,10 +479,17 @@ impl ShardBroker {
     }
 
     fn announce_flow(self: &Rc<Self>, state: PublisherFlow) {
-        self.set_flow(self.id, state);
-        for peer in (0..self.shard_count).map(ShardId) {
-            if peer != self.id {
-                self.post(peer, ShardMessage::Flow { state });
+        let every: Vec<ShardId> = (0..self.shard_count).map(ShardId).collect();
+        self.tell_flow(&every, state);
+    }
+
+    /// Sets this shard's flow state as `shards` see it (this one included or not).
+    fn tell_flow(self: &Rc<Self>, shards: &[ShardId], state: PublisherFlow) {
+        for &shard in shards {
+            if shard == self.id {
+                self.set_flow(self.id, state);
+            } else {
+                self.post(shard, ShardMessage::Flow { state });
             }
         }
     }
@@ -630,6 +654,9 @@ impl ShardBroker {
                 confirm,
             } => {
                 self.count(|c| c.publishes_received += u64::from(from != self.id));
+                if let Some(source) = self.publishers_from.get(from.index()) {
+                    source.set(true);
+                }
                 let mut logged = Writers::new();
                 for key in queues {
                     {
@@ -1170,9 +1197,7 @@ impl ShardBroker {
     /// PagedOut records and paged once those are synced.
     fn maybe_page_out(self: &Rc<Self>) {
         let used = self.meter.bytes();
-        if used <= self.memory_budget.max(self.page_out_floor.get())
-            || self.own_flow() == PublisherFlow::Draining
-        {
+        if used <= self.memory_budget.max(self.page_out_floor.get()) || self.draining.get() {
             return;
         }
         let Some(wal) = self.wal.borrow().clone() else {
