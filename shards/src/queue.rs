@@ -30,6 +30,8 @@
 
 use std::cell::Cell;
 use std::collections::VecDeque;
+use std::iter::Rev;
+use std::ops::Range;
 use std::rc::Rc;
 
 use crate::id_map::IdMap;
@@ -615,12 +617,17 @@ impl Queue {
         Some(ready.persistent())
     }
 
-    /// Positions in `ready` the pager may take, in the order it takes them: the run of
-    /// in-memory messages at the back (delivered last), then the run after the first `keep`
-    /// at the front (messages requeued there, or read back for consumers that left). Each run
-    /// ends at a message already paged out, so the scan is bounded by what is in memory, not
-    /// by the queue's length; runs in the middle stay until the queue reaches them.
-    fn pageable_positions(&self, keep: usize) -> impl Iterator<Item = usize> {
+    /// The runs of in-memory ready messages the pager may take, each in the order it takes
+    /// them: the run at the back (after the last paged message; delivered last) from its
+    /// oldest message, and the run after the first `keep` at the front (messages requeued
+    /// there, or read back for consumers that left) from its newest. Each run ends at a paged
+    /// message, so the scan is bounded by what is in memory, not by the queue's length; and each
+    /// is taken from that paged side, so what stays in memory stays at the run's far end. Taken
+    /// the other way, a run cut short (by the bytes wanted, or at a record not yet durable)
+    /// would leave messages between paged ones, which no scan reaches until the queue does: the
+    /// pager then could not bring memory down (a test publishing transient messages under a
+    /// 1 MiB budget stalled its publisher for a second at a time).
+    fn pageable_runs(&self, keep: usize) -> (Range<usize>, Rev<Range<usize>>) {
         let len = self.ready.len();
         let mut back = len;
         while back > keep && !self.ready[back - 1].is_paged() {
@@ -630,17 +637,18 @@ impl Queue {
         while front < back && !self.ready[front].is_paged() {
             front += 1;
         }
-        (back..len).rev().chain(keep.min(front)..front)
+        (back..len, (keep.min(front)..front).rev())
     }
 
     /// In-memory ready messages with no record in the log, up to `bytes`, keeping the first
-    /// `keep` (see `pageable_positions`): what to write out before paging them. Returned in
-    /// queue order, so that written one after the other their records lie in the log in the
-    /// order they will be read back (page-in reads contiguous records in one go).
+    /// `keep`, in the order `pageable_runs` gives: what to write out before paging them.
+    /// Returned in queue order, so that written one after the other their records lie in the
+    /// log in the order they will be read back (page-in reads contiguous records in one go).
     pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, &Message)> {
         let mut out = Vec::new();
         let mut total = 0;
-        for position in self.pageable_positions(keep) {
+        let (back, front) = self.pageable_runs(keep);
+        for position in back.chain(front) {
             if total >= bytes {
                 break;
             }
@@ -658,22 +666,33 @@ impl Queue {
     }
 
     /// Pages out logged messages until `bytes` are freed, keeping the first `keep` ready
-    /// messages and any whose record is not durable yet (`durable`), in the order of
-    /// `pageable_positions`. Returns the bytes freed.
+    /// messages, in the order of `pageable_runs`; each run stops at its first message whose
+    /// record is missing or not durable yet (`durable`). Returns the bytes freed.
     pub fn page_out(
         &mut self,
         bytes: usize,
         keep: usize,
         durable: impl Fn(&Location) -> bool,
     ) -> usize {
+        let (back, front) = self.pageable_runs(keep);
+        let freed = self.page_run(back, bytes, &durable);
+        freed + self.page_run(front, bytes.saturating_sub(freed), &durable)
+    }
+
+    fn page_run(
+        &mut self,
+        positions: impl Iterator<Item = usize>,
+        bytes: usize,
+        durable: &impl Fn(&Location) -> bool,
+    ) -> usize {
         let mut freed = 0;
-        for position in self.pageable_positions(keep) {
+        for position in positions {
             if freed >= bytes {
                 break;
             }
             let ready = &self.ready[position];
             if ready.location.len == 0 || !durable(&ready.location) {
-                continue;
+                break;
             }
             let slot = ready.slot;
             if let Some(message) = self.take(slot) {
@@ -1072,6 +1091,42 @@ mod tests {
         String::from_utf8_lossy(message.body()).into_owned()
     }
 
+    /// Cycles of writing out and paging, each cut short by the bytes wanted, never leave
+    /// in-memory messages between paged ones, where no later pass would find them.
+    #[test]
+    fn paging_in_short_passes_strands_nothing_between_paged_messages() {
+        let mut queue = Queue::new();
+        let write_and_page = |queue: &mut Queue, bytes: usize| {
+            let ids: Vec<u64> = queue
+                .unlogged_from_back(bytes, 1)
+                .iter()
+                .map(|(id, _)| *id)
+                .collect();
+            for &id in &ids {
+                assert!(queue.relocate(id, location(id)));
+            }
+            queue.page_out(usize::MAX, 1, |_| true);
+            ids
+        };
+        for i in 0..5 {
+            queue.publish(message(&i.to_string()), None);
+        }
+        assert_eq!(write_and_page(&mut queue, usize::MAX), vec![1, 2, 3, 4]);
+        for i in 5..8 {
+            queue.publish(message(&i.to_string()), None);
+        }
+        // One message's worth: the oldest of the back run, next to the paged ones.
+        assert_eq!(write_and_page(&mut queue, 1), vec![5]);
+        queue.publish(message("8"), None);
+        assert_eq!(
+            write_and_page(&mut queue, usize::MAX),
+            vec![6, 7, 8],
+            "6 and 7 are still reachable"
+        );
+        assert_eq!(queue.paged_count(), 8);
+        queue.check_invariants();
+    }
+
     #[test]
     fn a_ready_entry_is_small() {
         assert!(std::mem::size_of::<Ready>() <= 32);
@@ -1087,9 +1142,10 @@ mod tests {
         queue.publish(message("unlogged"), None);
         let all = meter.bytes();
         assert_eq!(all, queue.ready_bytes());
-        // Keep the first two; record 4 is not durable yet; the unlogged one cannot go.
+        // Keep the first two; record 4 is not durable yet, so the run stops there: 5 waits for
+        // it (paging it would leave 4 between paged messages), the unlogged one cannot go.
         let freed = queue.page_out(usize::MAX, 2, |l| l.offset != 400);
-        assert_eq!(queue.paged_count(), 3, "2, 3 and 5 paged out");
+        assert_eq!(queue.paged_count(), 2, "2 and 3 paged out");
         assert_eq!(meter.bytes(), all - freed);
         queue.check_invariants();
 
@@ -1108,7 +1164,7 @@ mod tests {
 
         let wanted = queue.paged_window(10, u64::MAX);
         let ids: Vec<u64> = wanted.iter().map(|(id, _)| *id).collect();
-        assert_eq!(ids, vec![2, 3, 5]);
+        assert_eq!(ids, vec![2, 3]);
         assert_eq!(queue.paged_window(10, 150).len(), 1, "bounded by bytes");
         for (id, _) in wanted {
             assert!(queue.fill(id, message(&id.to_string())));
@@ -1164,7 +1220,7 @@ mod tests {
     }
 
     #[test]
-    fn unlogged_messages_are_written_out_from_the_back() {
+    fn unlogged_messages_are_written_out_from_the_paged_side() {
         let mut queue = Queue::new();
         for i in 0..5 {
             let location = (i == 3).then(|| location(i));
@@ -1180,9 +1236,12 @@ mod tests {
             vec![1, 2, 4],
             "skips the logged one and the kept head; queue order"
         );
-        let nearest_back = queue.unlogged_from_back(1, 1);
-        assert_eq!(nearest_back.len(), 1, "bounded by bytes");
-        assert_eq!(nearest_back[0].0, 4, "taken from the back");
+        let first = queue.unlogged_from_back(1, 1);
+        assert_eq!(first.len(), 1, "bounded by bytes");
+        assert_eq!(
+            first[0].0, 1,
+            "nothing paged yet: the back run starts after the kept head"
+        );
         for id in [4, 2, 1] {
             assert!(queue.relocate(id, location(id)));
         }
