@@ -193,7 +193,8 @@ pub struct ShardBroker {
     flow_limit: Cell<usize>,
     /// Until then, this shard pages rather than waiting for its consumers (they were too slow).
     drain_refused_until: Cell<Option<Instant>>,
-    /// Per shard: whether its publishers sent messages here since `check_drain` last looked.
+    /// Per shard: whether its publishers sent messages here since publishers last waited for
+    /// this shard's consumers (`check_drain`).
     publishers_from: Vec<Cell<bool>>,
     /// Whether publishers wait for this shard's consumers (`check_drain`); never with the alarm.
     draining: Cell<bool>,
@@ -363,18 +364,20 @@ impl ShardBroker {
     }
 
     /// Holds publishers back, instead of paging, once ready messages pass the memory budget
-    /// while a queue here has consumers: if they take messages faster than the publishers send
+    /// (called after a publish to a queue with consumers): if they take messages faster than the
+    /// publishers send
     /// them, waiting for them costs nothing but the publishers' pace (as RabbitMQ's credit flow
     /// slows a publisher to its queue's), where paging would write out and read back messages
     /// that were about to be delivered. Consumers that do not bring memory down by a sixteenth
     /// of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
     /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`. Only the shards
-    /// whose publishers sent messages here since the last look are told (waiting is routine,
-    /// unlike the alarm, and must not stall unrelated traffic); each holds all its publishers.
+    /// whose publishers sent messages here since publishers last waited are told (waiting is
+    /// routine, unlike the alarm, and must not stall unrelated traffic); each holds all its
+    /// publishers.
     fn check_drain(self: &Rc<Self>) {
-        if self.draining.get()
+        if self.meter.bytes() <= self.memory_budget
+            || self.draining.get()
             || self.own_flow() != PublisherFlow::Open
-            || self.meter.bytes() <= self.memory_budget
             || self
                 .drain_refused_until
                 .get()
@@ -382,18 +385,10 @@ impl ShardBroker {
         {
             return;
         }
-        let consumed = self
-            .queues
-            .borrow()
-            .values()
-            .any(|owned| owned.queue.consumer_count() > 0 && owned.queue.message_count() > 0);
         let sources: Vec<ShardId> = (0..self.shard_count)
             .map(ShardId)
             .filter(|shard| self.publishers_from[shard.index()].replace(false))
             .collect();
-        if !consumed || sources.is_empty() {
-            return;
-        }
         debug!(
             "{}: {} bytes of ready messages (budget {}): publishers wait for consumers",
             self.id,
@@ -658,6 +653,7 @@ impl ShardBroker {
                     source.set(true);
                 }
                 let mut logged = Writers::new();
+                let mut to_consumed_queue = false;
                 for key in queues {
                     {
                         // One lookup: logging the record touches no queue.
@@ -665,6 +661,7 @@ impl ShardBroker {
                         let Some(owned) = queues.get_mut(&key) else {
                             continue;
                         };
+                        to_consumed_queue |= owned.queue.consumer_count() > 0;
                         let mut location = None;
                         if owned.durable && message.is_persistent() {
                             let appended = self.log_message(
@@ -687,7 +684,9 @@ impl ShardBroker {
                     }
                     self.dispatch(&key);
                 }
-                self.check_drain();
+                if to_consumed_queue {
+                    self.check_drain();
+                }
                 self.maybe_page_out();
                 self.check_flow();
                 if let Some(confirm) = confirm {
