@@ -1190,8 +1190,8 @@ impl ShardBroker {
         Some(wal.append_message(MessageRecord::Enqueue, queue, id, message))
     }
 
-    /// Past the memory budget, pages messages out, from the back of the queues (delivered last),
-    /// down to three quarters of the budget: first those whose records are durable already
+    /// Past the memory budget, pages messages out of the in-memory runs at the queues' ends (see
+    /// `Queue::page_out`), down to three quarters of the budget: first those whose records are durable already
     /// (persistent messages on durable queues); if that is not enough, others are written out as
     /// PagedOut records and paged once those are synced.
     fn maybe_page_out(self: &Rc<Self>) {
