@@ -78,6 +78,7 @@ pub struct RuntimeConfig {
     pub io_memory_bytes: usize,
     pub ring_depth: usize,
     pub mesh_channel_capacity: usize,
+    pub mesh_channel_bytes: usize,
     pub shutdown_grace_ms: u64,
 }
 
@@ -230,6 +231,9 @@ impl Config {
         }
         if self.runtime.mesh_channel_capacity == 0 {
             return fail("runtime.mesh_channel_capacity must be at least 1".into());
+        }
+        if self.runtime.mesh_channel_bytes == 0 {
+            return fail("runtime.mesh_channel_bytes must be at least 1".into());
         }
         for user in &self.users {
             for vhost in &user.vhosts {

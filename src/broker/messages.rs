@@ -348,6 +348,12 @@ impl ShardMessage {
     }
 }
 
+impl crate::runtime::mesh::Weighed for Vec<ShardMessage> {
+    fn weight(&self) -> usize {
+        self.iter().map(ShardMessage::message_bytes).sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::HashMap;

@@ -180,8 +180,9 @@ pub struct ShardBroker {
     memory_budget: usize,
     /// The pager runs again only once memory passed this (it found nothing more to page).
     page_out_floor: Cell<usize>,
-    /// Page-out writes (of messages not in the log yet) waiting for their sync.
-    page_out_writes: Cell<usize>,
+    /// Bytes the pager wrote (messages not in the log before) that wait for their sync: the log
+    /// holds a copy of them until then, so at most half the budget is in flight.
+    page_out_writing: Cell<usize>,
     /// Queues with a page-in under way.
     paging_in: RefCell<ahash::HashSet<QueueKey>>,
     /// Per shard (this one included): whether it holds publishers back. Publishing connections
@@ -247,7 +248,7 @@ impl ShardBroker {
             meter: MemoryMeter::default(),
             memory_budget: config.queues.memory_budget_bytes,
             page_out_floor: Cell::new(0),
-            page_out_writes: Cell::new(0),
+            page_out_writing: Cell::new(0),
             paging_in: RefCell::new(ahash::HashSet::default()),
             flow: RefCell::new(vec![PublisherFlow::Open; shard_count]),
             drain_refused_until: Cell::new(None),
@@ -453,7 +454,7 @@ impl ShardBroker {
             if now < lowest {
                 lowest = now;
                 fell_at = Instant::now();
-            } else if fell_at.elapsed() >= FLOW_STALL && self.page_out_writes.get() == 0 {
+            } else if fell_at.elapsed() >= FLOW_STALL && self.page_out_writing.get() == 0 {
                 self.flow_limit.set(now.saturating_add(self.memory_budget));
                 info!(
                     "{}: {now} bytes of messages in memory do not page out: publishers resumed \
@@ -1191,9 +1192,10 @@ impl ShardBroker {
     }
 
     /// Past the memory budget, pages messages out of the in-memory runs at the queues' ends (see
-    /// `Queue::page_out`), down to three quarters of the budget: first those whose records are durable already
-    /// (persistent messages on durable queues); if that is not enough, others are written out as
-    /// PagedOut records and paged once those are synced.
+    /// `Queue::page_out`), down to three quarters of the budget: first those whose records are
+    /// durable already (persistent messages on durable queues); if that is not enough, others
+    /// are written out as PagedOut records (a quarter budget per pass, half a budget unsynced at
+    /// most) and paged once those are synced.
     fn maybe_page_out(self: &Rc<Self>) {
         let used = self.meter.bytes();
         if used <= self.memory_budget.max(self.page_out_floor.get()) || self.draining.get() {
@@ -1205,6 +1207,7 @@ impl ShardBroker {
         let target = used - self.memory_budget / 4 * 3;
         let mut freed = 0;
         let mut written: Vec<(QueueKey, Vec<(MessageId, Location)>)> = Vec::new();
+        let mut bytes_written = 0;
         {
             let mut queues = self.queues.borrow_mut();
             for owned in queues.values_mut() {
@@ -1216,10 +1219,14 @@ impl ShardBroker {
                     .queue
                     .page_out(target - freed, keep, |l| wal.is_durable(l));
             }
-            // Write out at most a quarter budget per pass (the next pass follows its sync): the
+            // Write out at most a quarter budget per pass, and half a budget until synced: the
             // log holds copies of what it writes until then. Records are encoded from the queued
             // messages in place (appending touches no queue).
-            let mut wanted = target.saturating_sub(freed).min(self.memory_budget / 4);
+            let room = (self.memory_budget / 2).saturating_sub(self.page_out_writing.get());
+            let mut wanted = target
+                .saturating_sub(freed)
+                .min(self.memory_budget / 4)
+                .min(room);
             for (key, owned) in queues.iter() {
                 if wanted == 0 {
                     break;
@@ -1235,13 +1242,14 @@ impl ShardBroker {
                 let mut placed = Vec::with_capacity(batch.len());
                 for (id, message) in batch {
                     wanted = wanted.saturating_sub(message.size_bytes());
+                    bytes_written += message.size_bytes();
                     let appended = wal.append_message(MessageRecord::PagedOut, &queue, id, message);
                     placed.push((id, appended.location));
                 }
                 written.push((key.clone(), placed));
             }
         }
-        let writing = !written.is_empty();
+        let writing = bytes_written;
         for (key, placed) in written {
             if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
                 for (id, location) in placed {
@@ -1249,11 +1257,14 @@ impl ShardBroker {
                 }
             }
         }
-        if writing {
-            self.page_out_writes.set(self.page_out_writes.get() + 1);
+        if writing > 0 {
+            self.page_out_writing
+                .set(self.page_out_writing.get() + writing);
             let shard = self.clone();
             wal.after_all_synced(move |_| {
-                shard.page_out_writes.set(shard.page_out_writes.get() - 1);
+                shard
+                    .page_out_writing
+                    .set(shard.page_out_writing.get() - writing);
                 shard.page_out_floor.set(0);
                 shard.maybe_page_out();
             });

@@ -12,7 +12,7 @@
 //! accumulated bytes, calls fdatasync once, then runs every callback registered for that batch.
 //! Records are encoded straight into the pending buffer ([`LogWriter::append_with`]) and the
 //! writer swaps that buffer for an empty one, so a record's bytes are copied once more, into the
-//! DMA buffer, and buffers are reused rather than allocated per batch.
+//! DMA buffers (4 MiB at a time), and buffers are reused rather than allocated per batch.
 //!
 //! Fail-stop: after an IO error the log refuses further writes; every waiting and later callback
 //! is told `false` (the broker then nacks instead of confirming). It never guesses.
@@ -33,6 +33,10 @@ type Callback = Box<dyn FnOnce(bool)>;
 /// Buffers that grew past this in a burst are given back once it is written: a shard keeps a
 /// writer per segment (tens of them), most of them idle after the log rolled on.
 const BUFFER_KEEP_BYTES: usize = 1 << 20;
+
+/// A batch goes to disk through DMA buffers of this size, one after another (a multiple of any
+/// block size, so only the last is padded).
+const WRITE_CHUNK_BYTES: usize = 4 << 20;
 
 /// A writer with nothing to write for this long gives its buffers back (its segment is most
 /// likely not the newest any more). A busy log catches up between batches all the time (a
@@ -163,21 +167,7 @@ impl LogWriter {
             };
             let callbacks = std::mem::take(&mut *self.callbacks.borrow_mut());
             let result = async {
-                if !batch.is_empty() {
-                    let aligned = batch.len().div_ceil(alignment) * alignment;
-                    let mut buffer = file.alloc_dma_buffer(aligned);
-                    let bytes = buffer.as_bytes_mut();
-                    bytes[..batch.len()].copy_from_slice(&batch);
-                    bytes[batch.len()..].fill(0);
-                    let written = file.write_at(buffer, offset).await?;
-                    if written < aligned {
-                        return Err(std::io::Error::new(
-                            std::io::ErrorKind::WriteZero,
-                            format!("short write: {written} of {aligned} bytes"),
-                        )
-                        .into());
-                    }
-                }
+                write_padded(&file, &batch, offset, alignment).await?;
                 file.fdatasync().await
             }
             .await;
@@ -216,6 +206,33 @@ impl LogWriter {
             }
         }
     }
+}
+
+/// Writes `bytes` at `offset` (aligned), the last block padded with zeros, through DMA buffers
+/// of at most `WRITE_CHUNK_BYTES`: a burst of appends is not copied whole a second time.
+async fn write_padded(
+    file: &DmaFile,
+    bytes: &[u8],
+    offset: u64,
+    alignment: usize,
+) -> glommio::Result<(), ()> {
+    for (index, part) in bytes.chunks(WRITE_CHUNK_BYTES).enumerate() {
+        let aligned = part.len().div_ceil(alignment) * alignment;
+        let mut buffer = file.alloc_dma_buffer(aligned);
+        let out = buffer.as_bytes_mut();
+        out[..part.len()].copy_from_slice(part);
+        out[part.len()..].fill(0);
+        let at = offset + (index * WRITE_CHUNK_BYTES) as u64;
+        let written = file.write_at(buffer, at).await?;
+        if written < aligned {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::WriteZero,
+                format!("short write: {written} of {aligned} bytes"),
+            )
+            .into());
+        }
+    }
+    Ok(())
 }
 
 /// Makes a directory's entries (new or removed files) durable.

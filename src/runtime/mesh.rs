@@ -8,6 +8,11 @@
 //! without bound. Each shard drains its receiving channels in dedicated tasks, so a full channel
 //! always empties.
 //!
+//! Counting batches bounds nothing when a batch holds a megabyte of messages, so the mesh also
+//! counts the bytes (as [`Weighed`] tells them) sent to each destination and not yet handled
+//! there, in counters all shards share; past `bytes_max` a send reports congestion too. A
+//! shard's receiver handles a message before it takes the next, so the count always falls.
+//!
 //! Invariant: the mesh peer id of a shard equals its shard index (shards join in index order and
 //! start-up checks it), so a `ShardId` addresses the mesh directly.
 
@@ -15,6 +20,8 @@ use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::fmt;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
 
 use glommio::channels::channel_mesh::{Full, MeshBuilder, Receivers, Senders};
 use glommio::{GlommioError, ResourceType};
@@ -37,6 +44,46 @@ pub enum Envelope<M> {
 }
 
 pub type MeshBuilderFull<M> = MeshBuilder<Envelope<M>, Full>;
+
+/// The bytes of memory a message holds, which the mesh bounds in flight.
+pub trait Weighed {
+    fn weight(&self) -> usize;
+}
+
+/// Everything every shard needs to join one mesh; cloned to each shard's thread.
+pub struct MeshPlan<M: Send + 'static> {
+    builder: MeshBuilderFull<M>,
+    /// Bytes sent and not yet handled, one counter per (sender, receiver) pair.
+    in_flight: Arc<[AtomicUsize]>,
+    /// Per destination: messages kept back while its channel is full.
+    overflow_max: usize,
+    /// Per destination: bytes in flight past which sends report congestion.
+    bytes_max: usize,
+}
+
+impl<M: Send + 'static> Clone for MeshPlan<M> {
+    fn clone(&self) -> Self {
+        MeshPlan {
+            builder: self.builder.clone(),
+            in_flight: self.in_flight.clone(),
+            overflow_max: self.overflow_max,
+            bytes_max: self.bytes_max,
+        }
+    }
+}
+
+impl<M: Send + 'static> MeshPlan<M> {
+    /// A mesh of `shards` with channels of `capacity` messages (and as many in overflow), and at
+    /// most about `bytes_max` bytes in flight from one shard to another.
+    pub fn new(shards: usize, capacity: usize, bytes_max: usize) -> Self {
+        MeshPlan {
+            builder: MeshBuilder::full(shards, capacity),
+            in_flight: (0..shards * shards).map(|_| AtomicUsize::new(0)).collect(),
+            overflow_max: capacity,
+            bytes_max,
+        }
+    }
+}
 
 /// Why a message was not accepted; the message comes back.
 #[derive(Debug)]
@@ -68,6 +115,8 @@ pub struct Mesh<M: Send + 'static> {
     /// Messages that found their channel full, per destination, in send order.
     overflow: RefCell<Vec<VecDeque<Envelope<M>>>>,
     overflow_max: usize,
+    in_flight: Arc<[AtomicUsize]>,
+    bytes_max: usize,
     flushing: Vec<Cell<bool>>,
     /// Pongs received for the nonce of the last `ping_all`.
     pongs: Cell<usize>,
@@ -75,13 +124,18 @@ pub struct Mesh<M: Send + 'static> {
     pong_arrived: Notify,
 }
 
-impl<M: Send + 'static> Mesh<M> {
+impl<M: Weighed + Send + 'static> Mesh<M> {
     /// Joins the mesh as shard `shard`; resolves once every shard has joined.
     pub async fn join(
-        builder: MeshBuilderFull<M>,
+        plan: MeshPlan<M>,
         shard: ShardId,
-        overflow_max: usize,
     ) -> Result<(Rc<Mesh<M>>, Receivers<Envelope<M>>), String> {
+        let MeshPlan {
+            builder,
+            in_flight,
+            overflow_max,
+            bytes_max,
+        } = plan;
         let shard_count = builder.nr_peers();
         let (senders, receivers) = builder
             .join()
@@ -98,6 +152,8 @@ impl<M: Send + 'static> Mesh<M> {
             senders,
             overflow: RefCell::new((0..shard_count).map(|_| VecDeque::new()).collect()),
             overflow_max,
+            in_flight,
+            bytes_max,
             flushing: (0..shard_count).map(|_| Cell::new(false)).collect(),
             pongs: Cell::new(0),
             ping_nonce: Cell::new(0),
@@ -116,15 +172,40 @@ impl<M: Send + 'static> Mesh<M> {
 
     /// Whether `send` to `to` would report congestion.
     pub fn is_congested(&self, to: ShardId) -> bool {
-        self.overflow
-            .borrow()
-            .get(to.index())
-            .is_some_and(|queue| queue.len() >= self.overflow_max)
+        self.bytes_in_flight(self.shard, to) >= self.bytes_max
+            || self
+                .overflow
+                .borrow()
+                .get(to.index())
+                .is_some_and(|queue| queue.len() >= self.overflow_max)
+    }
+
+    fn counter(&self, from: ShardId, to: ShardId) -> Option<&AtomicUsize> {
+        self.in_flight
+            .get(from.index() * self.shard_count() + to.index())
+    }
+
+    fn bytes_in_flight(&self, from: ShardId, to: ShardId) -> usize {
+        self.counter(from, to)
+            .map_or(0, |counter| counter.load(Ordering::Relaxed))
     }
 
     /// Sends without waiting. Order between two shards is kept.
     pub fn send(self: &Rc<Self>, to: ShardId, message: M) -> Result<(), SendError<M>> {
-        self.send_envelope(to, Envelope::Message(message))
+        let weight = message.weight();
+        if weight > 0 && self.bytes_in_flight(self.shard, to) >= self.bytes_max {
+            return Err(SendError::Congested(Envelope::Message(message)));
+        }
+        // Counted before the send, so that the receiver never takes off what is not added yet.
+        let counter = self.counter(self.shard, to);
+        if let Some(counter) = counter {
+            counter.fetch_add(weight, Ordering::Relaxed);
+        }
+        let sent = self.send_envelope(to, Envelope::Message(message));
+        if let (Err(_), Some(counter)) = (&sent, counter) {
+            counter.fetch_sub(weight, Ordering::Relaxed);
+        }
+        sent
     }
 
     fn send_envelope(
@@ -206,7 +287,13 @@ impl<M: Send + 'static> Mesh<M> {
                                 mesh.pong_arrived.notify();
                             }
                         }
-                        Envelope::Message(message) => handler(from, message),
+                        Envelope::Message(message) => {
+                            let weight = message.weight();
+                            handler(from, message);
+                            if let Some(counter) = mesh.counter(from, mesh.shard) {
+                                counter.fetch_sub(weight, Ordering::Relaxed);
+                            }
+                        }
                     }
                 }
             })

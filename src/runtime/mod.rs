@@ -24,7 +24,6 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use glommio::channels::channel_mesh::MeshBuilder;
 use glommio::net::TcpListener;
 use glommio::{ExecutorJoinHandle, LocalExecutorBuilder, Placement};
 use log::{debug, error, info, warn};
@@ -36,7 +35,7 @@ use crate::broker::shard::ShardBroker;
 use crate::config::Config;
 use crate::connection::auth::Directory;
 use crate::connection::{Connection, ConnectionSettings};
-use mesh::{Mesh, MeshBuilderFull};
+use mesh::{Mesh, MeshPlan};
 use sync::Event;
 
 /// How long start-up waits for a shard to bind, join the mesh and answer pings.
@@ -105,7 +104,7 @@ struct ShardStart {
     metadata: Arc<DurableMetadata>,
     config: Arc<Config>,
     listen: SocketAddr,
-    mesh: MeshBuilderFull<Vec<ShardMessage>>,
+    mesh: MeshPlan<Vec<ShardMessage>>,
     bound: Option<mpsc::Sender<Result<SocketAddr, String>>>,
     ready: mpsc::Sender<Result<(), String>>,
     shutdown_requested: Arc<AtomicBool>,
@@ -147,7 +146,11 @@ impl Broker {
         let config = Arc::new(config.clone());
         let shutdown_requested = Arc::new(AtomicBool::new(false));
         let open_connections = Arc::new(AtomicUsize::new(0));
-        let mesh = MeshBuilder::full(shard_count, config.runtime.mesh_channel_capacity);
+        let mesh = MeshPlan::new(
+            shard_count,
+            config.runtime.mesh_channel_capacity,
+            config.runtime.mesh_channel_bytes,
+        );
         let (ready_tx, ready_rx) = mpsc::channel();
         let mut broker = Broker {
             local_addr: config.listen,
@@ -321,9 +324,7 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
             .map_err(|e| format!("{shard}: listener has no address: {e}"))?;
         let _ = bound.send(Ok(addr));
     }
-    let overflow_max = config.runtime.mesh_channel_capacity;
-    let (mesh, receivers) = match within(START_TIMEOUT, Mesh::join(mesh, shard, overflow_max)).await
-    {
+    let (mesh, receivers) = match within(START_TIMEOUT, Mesh::join(mesh, shard)).await {
         Some(Ok(joined)) => joined,
         Some(Err(e)) => return report(Err(e)),
         None => return report(Err(format!("{shard}: other shards did not join the mesh"))),
@@ -471,30 +472,25 @@ async fn close_all_connections(state: &Rc<Shard>, grace: Duration) {
 
 #[cfg(test)]
 mod tests {
+    use std::future::Future;
+
+    use glommio::channels::channel_mesh::Receivers;
+
     use super::*;
 
-    /// Two shards on two executors send each other messages through the mesh.
-    #[test]
-    fn mesh_carries_messages_between_two_shards() {
-        let builder: MeshBuilderFull<u64> = MeshBuilder::full(2, 4);
+    /// Runs `body` as each of two shards joined to `plan`, on an executor of its own.
+    fn on_two_shards<F, Fut>(plan: MeshPlan<u64>, body: F)
+    where
+        F: Fn(usize, Rc<Mesh<u64>>, Receivers<mesh::Envelope<u64>>) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = ()>,
+    {
         let handles: Vec<_> = (0..2)
             .map(|index| {
-                let builder = builder.clone();
+                let (plan, body) = (plan.clone(), body.clone());
                 LocalExecutorBuilder::new(Placement::Unbound)
                     .spawn(move || async move {
-                        let (mesh, receivers) =
-                            Mesh::join(builder, ShardId(index), 16).await.unwrap();
-                        mesh.serve(receivers, Rc::new(|_, _| {}));
-                        // Twice: the second round reuses the channels after the first drained.
-                        for round in 1..=2u64 {
-                            mesh.ping_all(round * 10 + index as u64).await.unwrap();
-                        }
-                        assert!(matches!(
-                            mesh.send(ShardId(index), 1),
-                            Err(mesh::SendError::ToSelf(_))
-                        ));
-                        // Keep serving until the peer finished its pings too.
-                        glommio::timer::sleep(Duration::from_millis(100)).await;
+                        let (mesh, receivers) = Mesh::join(plan, ShardId(index)).await.unwrap();
+                        body(index, mesh, receivers).await;
                     })
                     .unwrap()
             })
@@ -504,58 +500,118 @@ mod tests {
         }
     }
 
+    /// A test message weighs its value in bytes.
+    impl mesh::Weighed for u64 {
+        fn weight(&self) -> usize {
+            *self as usize
+        }
+    }
+
+    /// Past the byte bound sends are refused, however few batches are in flight, until the
+    /// receiver has handled what it was sent.
+    #[test]
+    fn bytes_in_flight_past_the_bound_report_congestion_until_handled() {
+        static HANDLED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        on_two_shards(
+            MeshPlan::new(2, 64, 100),
+            |index, mesh, receivers| async move {
+                if index == 1 {
+                    // Take nothing in for a while, then handle everything.
+                    glommio::timer::sleep(Duration::from_millis(100)).await;
+                    mesh.serve(
+                        receivers,
+                        Rc::new(|_, weight| {
+                            HANDLED.fetch_add(weight, std::sync::atomic::Ordering::SeqCst);
+                        }),
+                    );
+                    glommio::timer::sleep(Duration::from_millis(500)).await;
+                    return;
+                }
+                let to = ShardId(1);
+                mesh.send(to, 60).unwrap();
+                mesh.send(to, 60).unwrap();
+                assert!(mesh.is_congested(to));
+                assert!(matches!(
+                    mesh.send(to, 60),
+                    Err(mesh::SendError::Congested(_))
+                ));
+                // Weightless messages (replies, settlements) still pass.
+                mesh.send(to, 0).unwrap();
+                let started = std::time::Instant::now();
+                while mesh.is_congested(to) {
+                    assert!(started.elapsed() < Duration::from_secs(5));
+                    glommio::timer::sleep(Duration::from_millis(5)).await;
+                }
+                assert_eq!(HANDLED.load(std::sync::atomic::Ordering::SeqCst), 120);
+                mesh.send(to, 60).unwrap();
+                drop(receivers);
+            },
+        );
+    }
+
+    /// Two shards on two executors send each other messages through the mesh.
+    #[test]
+    fn mesh_carries_messages_between_two_shards() {
+        on_two_shards(
+            MeshPlan::new(2, 16, usize::MAX),
+            |index, mesh, receivers| async move {
+                mesh.serve(receivers, Rc::new(|_, _| {}));
+                // Twice: the second round reuses the channels after the first drained.
+                for round in 1..=2u64 {
+                    mesh.ping_all(round * 10 + index as u64).await.unwrap();
+                }
+                assert!(matches!(
+                    mesh.send(ShardId(index), 1),
+                    Err(mesh::SendError::ToSelf(_))
+                ));
+                // Keep serving until the peer finished its pings too.
+                glommio::timer::sleep(Duration::from_millis(100)).await;
+            },
+        );
+    }
+
     /// More messages than the channel holds are kept in order and all arrive.
     #[test]
     fn a_full_channel_overflows_in_order_then_reports_congestion() {
         static SENT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let builder: MeshBuilderFull<u64> = MeshBuilder::full(2, 2);
-        let handles: Vec<_> = (0..2)
-            .map(|index| {
-                let builder = builder.clone();
-                LocalExecutorBuilder::new(Placement::Unbound)
-                    .spawn(move || async move {
-                        let (mesh, mut receivers) =
-                            Mesh::join(builder, ShardId(index), 3).await.unwrap();
-                        if index == 0 {
-                            // Shard 1 does not read yet: the channel fills, then the overflow
-                            // queue (3), then sends are refused.
-                            let mut sent = 0u64;
-                            while sent < 1000 {
-                                match mesh.send(ShardId(1), sent) {
-                                    Ok(()) => sent += 1,
-                                    Err(mesh::SendError::Congested(_)) => break,
-                                    Err(other) => panic!("{other}"),
-                                }
-                            }
-                            assert!(sent < 1000, "the mesh never reported congestion");
-                            assert!(mesh.is_congested(ShardId(1)));
-                            SENT.store(sent, std::sync::atomic::Ordering::SeqCst);
-                            drop(receivers);
-                            // Stay alive while the flusher drains the overflow.
-                            while mesh.is_congested(ShardId(1)) {
-                                glommio::timer::sleep(Duration::from_millis(5)).await;
-                            }
-                            glommio::timer::sleep(Duration::from_millis(200)).await;
-                        } else {
-                            glommio::timer::sleep(Duration::from_millis(50)).await;
-                            let sent = SENT.load(std::sync::atomic::Ordering::SeqCst);
-                            let mut nonces = Vec::new();
-                            for (_, receiver) in receivers.streams() {
-                                while (nonces.len() as u64) < sent {
-                                    match receiver.recv().await {
-                                        Some(mesh::Envelope::Message(nonce)) => nonces.push(nonce),
-                                        other => panic!("unexpected {other:?}"),
-                                    }
-                                }
-                            }
-                            assert_eq!(nonces, (0..sent).collect::<Vec<_>>());
+        on_two_shards(
+            MeshPlan::new(2, 3, usize::MAX),
+            |index, mesh, mut receivers| async move {
+                if index == 0 {
+                    // Shard 1 does not read yet: the channel (3) fills, then the
+                    // overflow queue (3), then sends are refused.
+                    let mut sent = 0u64;
+                    while sent < 1000 {
+                        match mesh.send(ShardId(1), sent) {
+                            Ok(()) => sent += 1,
+                            Err(mesh::SendError::Congested(_)) => break,
+                            Err(other) => panic!("{other}"),
                         }
-                    })
-                    .unwrap()
-            })
-            .collect();
-        for handle in handles {
-            handle.join().unwrap();
-        }
+                    }
+                    assert!(sent < 1000, "the mesh never reported congestion");
+                    assert!(mesh.is_congested(ShardId(1)));
+                    SENT.store(sent, std::sync::atomic::Ordering::SeqCst);
+                    drop(receivers);
+                    // Stay alive while the flusher drains the overflow.
+                    while mesh.is_congested(ShardId(1)) {
+                        glommio::timer::sleep(Duration::from_millis(5)).await;
+                    }
+                    glommio::timer::sleep(Duration::from_millis(200)).await;
+                } else {
+                    glommio::timer::sleep(Duration::from_millis(50)).await;
+                    let sent = SENT.load(std::sync::atomic::Ordering::SeqCst);
+                    let mut nonces = Vec::new();
+                    for (_, receiver) in receivers.streams() {
+                        while (nonces.len() as u64) < sent {
+                            match receiver.recv().await {
+                                Some(mesh::Envelope::Message(nonce)) => nonces.push(nonce),
+                                other => panic!("unexpected {other:?}"),
+                            }
+                        }
+                    }
+                    assert_eq!(nonces, (0..sent).collect::<Vec<_>>());
+                }
+            },
+        );
     }
 }
