@@ -139,6 +139,8 @@ pub struct MeshCounters {
     pub messages_sent: u64,
     pub deliveries_received: u64,
     pub publishes_received: u64,
+    /// Batches the mesh refused as congested (sent again later).
+    pub batches_held_back: u64,
 }
 
 pub struct ShardBroker {
@@ -588,6 +590,7 @@ impl ShardBroker {
                     }),
                     Err(SendError::Congested(crate::runtime::mesh::Envelope::Message(batch))) => {
                         // Put it back in front of anything queued since, and retry shortly.
+                        self.count(|c| c.batches_held_back += 1);
                         let bytes: usize = batch.iter().map(ShardMessage::message_bytes).sum();
                         self.outbox_bytes.set(self.outbox_bytes.get() + bytes);
                         let mut outbox = self.outbox.borrow_mut();

@@ -383,11 +383,12 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
     let counters = broker.counters();
     info!(
         "{shard}: mesh traffic: {} messages in {} batches sent, {} publishes and {} deliveries \
-         received from other shards",
+         received from other shards, {} congested sends retried",
         counters.messages_sent,
         counters.batches_sent,
         counters.publishes_received,
-        counters.deliveries_received
+        counters.deliveries_received,
+        counters.batches_held_back
     );
     Ok(())
 }
