@@ -15,8 +15,8 @@ use amqprs::channel::{
 };
 use amqprs::BasicProperties;
 use common::{
-    consume_with_prefetch, drain_no_ack, log_bytes, log_bytes_fall_below, open_channel, rss_bytes,
-    Broker, ChannelRecorder,
+    consume_with_prefetch, drain_no_ack, log_bytes, log_bytes_fall_below, next_delivery,
+    open_channel, rss_bytes, Broker, ChannelRecorder,
 };
 
 /// A 64 KiB budget per shard, 1 MiB segments, queues spread over both shards.
@@ -433,6 +433,48 @@ async fn a_publisher_faster_than_its_consumer_waits_instead_of_paging() {
         grown < data / 4,
         "RSS grew by {grown} bytes for {data} bytes published"
     );
+}
+
+/// A consumer that drains nothing (it holds its one prefetched message and never acks) must not
+/// hold the publisher back for long: the shard finds that waiting does not bring memory down,
+/// pages instead, and the publisher goes on; nothing is lost and the order holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_consumer_that_drains_nothing_gets_paging_not_a_stalled_publisher() {
+    const SIZE: usize = 4096;
+    const MESSAGES: u64 = 2_000;
+    let (broker, _c, channel) = small_budget_broker("stuck").await;
+    let (_d, consumer, _) = open_channel(&broker).await;
+    let (_, mut rx) = consume_with_prefetch(&consumer, "stuck", "", 1).await;
+    let started = std::time::Instant::now();
+    publish_unconfirmed(&channel, "stuck", MESSAGES, SIZE).await;
+    // Everything published has arrived once the queue holds all but the one delivered.
+    while u64::from(ready(&channel, "stuck").await) < MESSAGES - 1 {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the publisher was held back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let first = next_delivery(&mut rx).await;
+    assert_eq!(number(&first.content.unwrap(), SIZE), 0);
+    assert!(
+        broker.log_contains("paging instead"),
+        "the shard gave up waiting for the consumer"
+    );
+    let data = MESSAGES * SIZE as u64;
+    let written = log_bytes(&broker.data_path());
+    assert!(
+        written > data / 2,
+        "{written} bytes written out for {data} bytes of messages nobody took"
+    );
+    // The held message goes back to the head of the queue with the consumer's channel.
+    consumer.close().await.unwrap();
+    let numbers: Vec<u64> = get_all(&broker, "stuck", SIZE)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect();
+    assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
 }
 
 /// A no-ack consumer settles persistent messages for good: they do not come back after a

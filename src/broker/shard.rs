@@ -74,8 +74,8 @@ const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(5);
 /// Publishers paused this long without memory falling resume (see `ShardBroker::check_flow`).
 const FLOW_STALL: Duration = Duration::from_secs(1);
 /// While publishers wait for consumers to drain the excess over the budget, memory must fall by
-/// a sixteenth of the budget every `DRAIN_WINDOW`, or the shard pages instead and does not wait
-/// for consumers again for `DRAIN_REFUSED_FOR` (see `ShardBroker::check_drain`).
+/// a sixty-fourth of the budget every `DRAIN_WINDOW`, or the shard pages instead and does not
+/// wait for consumers again for `DRAIN_REFUSED_FOR` (see `ShardBroker::check_drain`).
 const DRAIN_WINDOW: Duration = Duration::from_millis(50);
 const DRAIN_REFUSED_FOR: Duration = Duration::from_secs(1);
 /// When the log left a sparse segment to drain, reclaiming runs again after this even if no
@@ -371,8 +371,8 @@ impl ShardBroker {
     /// publishers send
     /// them, waiting for them costs nothing but the publishers' pace (as RabbitMQ's credit flow
     /// slows a publisher to its queue's), where paging would write out and read back messages
-    /// that were about to be delivered. Consumers that do not bring memory down by a sixteenth
-    /// of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
+    /// that were about to be delivered. Consumers that do not bring memory down by a
+    /// sixty-fourth of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
     /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`. Only the shards
     /// whose publishers sent messages here since publishers last waited are told (waiting is
     /// routine, unlike the alarm, and must not stall unrelated traffic); each holds all its
@@ -417,7 +417,7 @@ impl ShardBroker {
             }
             highest = highest.max(now);
             if since.elapsed() >= DRAIN_WINDOW {
-                if highest - now < self.memory_budget / 16 {
+                if highest - now < self.memory_budget / 64 {
                     info!(
                         "{}: consumers drain {} bytes of messages too slowly: paging instead",
                         self.id, now
