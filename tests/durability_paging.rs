@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments, Channel,
-    ConfirmSelectArguments, QueueDeclareArguments,
+    ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::BasicProperties;
 use common::{
@@ -475,6 +475,44 @@ async fn a_consumer_that_drains_nothing_gets_paging_not_a_stalled_publisher() {
         .map(|(n, _)| n)
         .collect();
     assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
+}
+
+/// After a burst past the budget, once the messages are gone, the shard gives the allocator's
+/// free pages back: resident memory falls at least halfway back to where it was before the
+/// burst (without the trim, glibc kept 80% of it: 88 of 107 MB).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_goes_back_after_a_burst() {
+    const SIZE: usize = 2048;
+    const MESSAGES: u64 = 30_000;
+    let config = "[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 33554432\n";
+    let broker = Broker::start_with_config(config);
+    let (_c, channel, _) = open_channel(&broker).await;
+    channel
+        .queue_declare(QueueDeclareArguments::new("burst"))
+        .await
+        .unwrap();
+    let before = rss_bytes(broker.pid());
+    publish_unconfirmed(&channel, "burst", MESSAGES, SIZE).await;
+    while u64::from(ready(&channel, "burst").await) < MESSAGES {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let burst = rss_bytes(broker.pid());
+    channel
+        .queue_delete(QueueDeleteArguments::new("burst"))
+        .await
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let target = before + (burst - before) / 2;
+    let mut after = rss_bytes(broker.pid());
+    while after > target && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        after = rss_bytes(broker.pid());
+    }
+    eprintln!("RSS before {before}, after the burst {burst}, after its messages went {after}");
+    assert!(
+        after <= target,
+        "RSS stayed at {after} bytes after a burst to {burst} (before: {before})"
+    );
 }
 
 /// A no-ack consumer settles persistent messages for good: they do not come back after a
