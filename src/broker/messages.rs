@@ -336,13 +336,16 @@ pub enum PublisherFlow {
 }
 
 impl ShardMessage {
-    /// Bytes of message data this carries (what it holds in memory while it waits in an
-    /// outbox); zero for control messages.
+    /// Bytes of message data this carries, as its destination will count them once it is
+    /// handled: a publish counts once per queue it goes to (a fanout to 8 queues on one shard is
+    /// 8 queued messages there, however little it holds on the way); zero for control messages.
+    /// Outboxes and the mesh bound what waits in them by this.
     pub fn message_bytes(&self) -> usize {
         match self {
-            ShardMessage::Publish { message, .. } | ShardMessage::Deliver { message, .. } => {
-                message.size_bytes()
-            }
+            ShardMessage::Publish {
+                message, queues, ..
+            } => message.size_bytes() * queues.len(),
+            ShardMessage::Deliver { message, .. } => message.size_bytes(),
             _ => 0,
         }
     }
@@ -384,5 +387,26 @@ mod tests {
             (&b"/"[..], &b"orders"[..])
         );
         assert_eq!(std::mem::size_of::<QueueKey>(), 8);
+    }
+
+    /// A publish weighs what it becomes where it goes: once per queue (the mesh and the
+    /// outboxes bound fanouts by this).
+    #[test]
+    fn a_publish_weighs_its_message_once_per_queue() {
+        use crate::runtime::mesh::Weighed;
+        let message = shards::Message::with_copied_body(b"", b"q", &[0x10, 0, 2], &[7; 256], false);
+        let size = message.size_bytes();
+        let publish = |names: &[&str]| ShardMessage::Publish {
+            queues: names
+                .iter()
+                .map(|name| QueueKey::new(short("/"), short(name)))
+                .collect(),
+            message: message.clone(),
+            confirm: None,
+        };
+        assert_eq!(publish(&["a"]).message_bytes(), size);
+        assert_eq!(publish(&["a", "b", "c"]).message_bytes(), 3 * size);
+        let batch = vec![publish(&["a", "b"]), ShardMessage::SyncBarrier { token: 1 }];
+        assert_eq!(batch.weight(), 2 * size);
     }
 }
