@@ -374,15 +374,14 @@ impl ShardBroker {
 
     /// Holds publishers back, instead of paging, once ready messages pass the memory budget
     /// (called after a publish to a queue with consumers): if they take messages faster than the
-    /// publishers send
-    /// them, waiting for them costs nothing but the publishers' pace (as RabbitMQ's credit flow
-    /// slows a publisher to its queue's), where paging would write out and read back messages
-    /// that were about to be delivered. Consumers that do not bring memory down by a
-    /// sixty-fourth of the budget every `DRAIN_WINDOW` are too slow for that: the shard lets publishers go,
-    /// pages, and does not wait for consumers again for `DRAIN_REFUSED_FOR`. Only the shards
-    /// whose publishers sent messages here since publishers last waited are told (waiting is
-    /// routine, unlike the alarm, and must not stall unrelated traffic); each holds all its
-    /// publishers.
+    /// publishers send them, waiting for them costs nothing but the publishers' pace (as
+    /// RabbitMQ's credit flow slows a publisher to its queue's), where paging would write out
+    /// and read back messages that were about to be delivered. Consumers that do not bring
+    /// memory down by a sixty-fourth of the budget every `DRAIN_WINDOW` are too slow for that:
+    /// the shard lets publishers go, pages, and does not wait for consumers again for
+    /// `DRAIN_REFUSED_FOR`. Only the shards whose publishers sent messages here since publishers
+    /// last waited are told (waiting is routine, unlike the alarm, and must not stall unrelated
+    /// traffic); each holds all its publishers.
     fn check_drain(self: &Rc<Self>) {
         if self.meter.bytes() <= self.memory_budget
             || self.draining.get()
@@ -1279,7 +1278,6 @@ impl ShardBroker {
                 written.push((key.clone(), placed));
             }
         }
-        let writing = bytes_written;
         for (key, placed) in written {
             if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
                 for (id, location) in placed {
@@ -1287,14 +1285,14 @@ impl ShardBroker {
                 }
             }
         }
-        if writing > 0 {
+        if bytes_written > 0 {
             self.page_out_writing
-                .set(self.page_out_writing.get() + writing);
+                .set(self.page_out_writing.get() + bytes_written);
             let shard = self.clone();
             wal.after_all_synced(move |_| {
                 shard
                     .page_out_writing
-                    .set(shard.page_out_writing.get() - writing);
+                    .set(shard.page_out_writing.get() - bytes_written);
                 shard.page_out_floor.set(0);
                 shard.maybe_page_out();
             });
