@@ -120,6 +120,30 @@ async fn ready(channel: &Channel, queue: &str) -> u32 {
     channel.queue_declare(passive).await.unwrap().unwrap().1
 }
 
+/// Waits until `queue` holds at least `count` ready messages; fails with `failure` once
+/// `deadline` passes.
+async fn wait_for_ready(
+    channel: &Channel,
+    queue: &str,
+    count: u64,
+    deadline: std::time::Instant,
+    failure: &str,
+) {
+    while u64::from(ready(channel, queue).await) < count {
+        assert!(std::time::Instant::now() < deadline, "{failure}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The numbers of all messages in `queue`, taken out with no-ack gets, in order.
+async fn numbers_in(broker: &Broker, queue: &str, size: usize) -> Vec<u64> {
+    get_all(broker, queue, size)
+        .await
+        .into_iter()
+        .map(|(n, _)| n)
+        .collect()
+}
+
 /// A broker with a 64 KiB budget whose queues live on the shard of the connection declaring
 /// them, and a channel that declared the (non-durable) `queue`.
 async fn small_budget_broker(queue: &str) -> (Broker, amqprs::connection::Connection, Channel) {
@@ -361,10 +385,14 @@ async fn a_publisher_faster_than_paging_is_paused() {
     publish_unconfirmed(&channel, "firehose", MESSAGES, SIZE).await;
     // Everything published has arrived once the queue holds it all.
     let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while u64::from(ready(&channel, "firehose").await) < MESSAGES {
-        assert!(std::time::Instant::now() < deadline, "all messages queued");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_for_ready(
+        &channel,
+        "firehose",
+        MESSAGES,
+        deadline,
+        "all messages queued",
+    )
+    .await;
     sampling.store(false, std::sync::atomic::Ordering::Relaxed);
     let grown = sampler.join().unwrap().saturating_sub(baseline);
     let data = MESSAGES * SIZE as u64;
@@ -377,11 +405,7 @@ async fn a_publisher_faster_than_paging_is_paused() {
         grown < data / 4,
         "RSS grew by {grown} bytes for {data} bytes published"
     );
-    let numbers: Vec<u64> = get_all(&broker, "firehose", SIZE)
-        .await
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let numbers = numbers_in(&broker, "firehose", SIZE).await;
     assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
 }
 
@@ -445,16 +469,11 @@ async fn a_consumer_that_drains_nothing_gets_paging_not_a_stalled_publisher() {
     let (broker, _c, channel) = small_budget_broker("stuck").await;
     let (_d, consumer, _) = open_channel(&broker).await;
     let (_, mut rx) = consume_with_prefetch(&consumer, "stuck", "", 1).await;
-    let started = std::time::Instant::now();
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     publish_unconfirmed(&channel, "stuck", MESSAGES, SIZE).await;
     // Everything published has arrived once the queue holds all but the one delivered.
-    while u64::from(ready(&channel, "stuck").await) < MESSAGES - 1 {
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "the publisher was held back"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let held_back = "the publisher was held back";
+    wait_for_ready(&channel, "stuck", MESSAGES - 1, deadline, held_back).await;
     let first = next_delivery(&mut rx).await;
     assert_eq!(number(&first.content.unwrap(), SIZE), 0);
     assert!(
@@ -469,11 +488,7 @@ async fn a_consumer_that_drains_nothing_gets_paging_not_a_stalled_publisher() {
     );
     // The held message goes back to the head of the queue with the consumer's channel.
     consumer.close().await.unwrap();
-    let numbers: Vec<u64> = get_all(&broker, "stuck", SIZE)
-        .await
-        .into_iter()
-        .map(|(n, _)| n)
-        .collect();
+    let numbers = numbers_in(&broker, "stuck", SIZE).await;
     assert_eq!(numbers, (0..MESSAGES).collect::<Vec<_>>());
 }
 
@@ -493,9 +508,8 @@ async fn memory_goes_back_after_a_burst() {
         .unwrap();
     let before = rss_bytes(broker.pid());
     publish_unconfirmed(&channel, "burst", MESSAGES, SIZE).await;
-    while u64::from(ready(&channel, "burst").await) < MESSAGES {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    wait_for_ready(&channel, "burst", MESSAGES, deadline, "all messages queued").await;
     let burst = rss_bytes(broker.pid());
     channel
         .queue_delete(QueueDeleteArguments::new("burst"))
