@@ -467,9 +467,11 @@ impl SegmentedWal {
         if active_bytes >= self.segment_bytes_max {
             if let Some((generation, path, writer)) = self.spare.borrow_mut().take() {
                 debug!("log rolls to {}", path.display());
-                self.segments
-                    .borrow_mut()
-                    .push_back(Segment::new(generation, path, writer));
+                let mut segments = self.segments.borrow_mut();
+                if let Some(rolled_past) = segments.back().and_then(|s| s.writer.as_ref()) {
+                    rolled_past.seal();
+                }
+                segments.push_back(Segment::new(generation, path, writer));
             }
         }
     }

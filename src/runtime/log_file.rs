@@ -38,8 +38,8 @@ const BUFFER_KEEP_BYTES: usize = 1 << 20;
 /// block size, so only the last is padded).
 const WRITE_CHUNK_BYTES: usize = 4 << 20;
 
-/// A writer with nothing to write for this long gives its buffers back (its segment is most
-/// likely not the newest any more). A busy log catches up between batches all the time (a
+/// A writer with nothing to write for this long gives its buffers back (a sealed one, whose
+/// segment the log has rolled past, does so at once). A busy log catches up between batches all the time (a
 /// producer waiting for its confirms), and giving the buffers back then made every batch grow
 /// a new one again, reallocating and copying as it grew.
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(1);
@@ -47,10 +47,14 @@ const IDLE_GIVE_BACK: Duration = Duration::from_secs(1);
 pub struct LogWriter {
     path: PathBuf,
     pending: RefCell<BytesMut>,
+    /// The empty buffer `pending` is swapped with when a batch is written (see `run`).
+    spare: RefCell<BytesMut>,
     callbacks: RefCell<Vec<Callback>>,
     wake: Notify,
     failed: Cell<bool>,
     closed: Cell<bool>,
+    /// No more appends will come (see `seal`).
+    sealed: Cell<bool>,
     /// Bytes made durable so far.
     synced_bytes: Cell<u64>,
 }
@@ -62,10 +66,12 @@ impl LogWriter {
         let log = Rc::new(LogWriter {
             path: path.to_path_buf(),
             pending: RefCell::new(BytesMut::new()),
+            spare: RefCell::new(BytesMut::new()),
             callbacks: RefCell::new(Vec::new()),
             wake: Notify::default(),
             failed: Cell::new(false),
             closed: Cell::new(false),
+            sealed: Cell::new(false),
             synced_bytes: Cell::new(0),
         });
         glommio::spawn_local(log.clone().run(file)).detach();
@@ -104,6 +110,14 @@ impl LogWriter {
         self.wake.notify();
     }
 
+    /// No more appends will come (the log rolled on to a newer segment): once what is pending is
+    /// written, the writer keeps no buffer but the last partial block. Without this, every
+    /// segment rolled past in a burst held up to `BUFFER_KEEP_BYTES` for `IDLE_GIVE_BACK`.
+    pub fn seal(&self) {
+        self.sealed.set(true);
+        self.wake.notify();
+    }
+
     /// Stops the writer task once what is pending is written (the file is being removed).
     pub fn close(&self) {
         self.closed.set(true);
@@ -114,6 +128,11 @@ impl LogWriter {
         self.synced_bytes.get()
     }
 
+    /// Bytes of buffer the writer holds (what `seal` and the idle timeout give back).
+    pub fn buffered_capacity(&self) -> usize {
+        self.pending.borrow().capacity() + self.spare.borrow().capacity()
+    }
+
     async fn run(self: Rc<Self>, file: DmaFile) {
         let alignment = file.align_up(1).max(1) as usize;
         // `pending` starts with `carried` bytes: the last, partial block of what was written
@@ -121,7 +140,6 @@ impl LogWriter {
         // (always aligned). Appends go after them. Each round swaps `pending` with `spare`, an
         // empty buffer, so appends never wait for a write and no buffer is allocated or copied
         // but for the carried block.
-        let mut spare = BytesMut::new();
         let mut carried = 0usize;
         let mut offset = 0u64;
         loop {
@@ -129,23 +147,25 @@ impl LogWriter {
                 if self.closed.get() {
                     return;
                 }
-                let woken = futures_lite::future::or(
-                    async {
-                        self.wake.wait().await;
-                        true
-                    },
-                    async {
-                        glommio::timer::sleep(IDLE_GIVE_BACK).await;
-                        false
-                    },
-                )
-                .await;
+                let woken = !self.sealed.get()
+                    && futures_lite::future::or(
+                        async {
+                            self.wake.wait().await;
+                            true
+                        },
+                        async {
+                            glommio::timer::sleep(IDLE_GIVE_BACK).await;
+                            false
+                        },
+                    )
+                    .await;
                 if woken {
                     continue;
                 }
-                // Idle: keep no more than the partial last block. A shard keeps a writer per
-                // segment, and all but the newest stay idle until their segment is deleted.
-                spare = BytesMut::new();
+                // Idle or sealed: keep no more than the partial last block. A shard keeps a
+                // writer per segment, and all but the newest stay idle until their segment is
+                // deleted.
+                *self.spare.borrow_mut() = BytesMut::new();
                 {
                     let mut pending = self.pending.borrow_mut();
                     if pending.capacity() > pending.len() {
@@ -159,7 +179,7 @@ impl LogWriter {
             // block is carried into the next batch).
             let (batch, whole_blocks) = {
                 let mut pending = self.pending.borrow_mut();
-                let batch = std::mem::replace(&mut *pending, std::mem::take(&mut spare));
+                let batch = std::mem::replace(&mut *pending, self.spare.take());
                 let whole_blocks = batch.len() / alignment * alignment;
                 pending.extend_from_slice(&batch[whole_blocks..]);
                 carried = pending.len();
@@ -178,7 +198,7 @@ impl LogWriter {
                     // A burst (a slow sync under heavy appends) must not pin its buffer for good;
                     // its replacement starts at the kept size, not empty, so that the next
                     // batches do not grow it again by reallocating (and copying) step by step.
-                    spare = if batch.capacity() <= BUFFER_KEEP_BYTES {
+                    *self.spare.borrow_mut() = if batch.capacity() <= BUFFER_KEEP_BYTES {
                         let mut batch = batch;
                         batch.clear();
                         batch
@@ -310,5 +330,45 @@ mod tests {
             .map(|r| (r.kind, r.payload.to_vec()))
             .collect();
         assert_eq!(found, expected);
+    }
+
+    /// A writer the log has rolled past gives its buffers back as soon as its last batch is
+    /// written, without waiting to be idle: a burst through small segments otherwise kept a
+    /// megabyte per segment for a second.
+    #[test]
+    fn a_sealed_writer_keeps_only_its_last_partial_block() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wal-sealed.log");
+        LocalExecutorBuilder::new(Placement::Unbound)
+            .spawn(move || async move {
+                let log = LogWriter::create(&path).await.unwrap();
+                for _ in 0..3 {
+                    for _ in 0..100 {
+                        log.append_with(|out| {
+                            out.extend_from_slice(&[7u8; 5000]);
+                            1
+                        });
+                    }
+                    let (sender, receiver) = crate::broker::oneshot::channel();
+                    log.after_sync(move |ok| sender.send(ok));
+                    assert!(receiver.await.unwrap());
+                }
+                let busy = log.buffered_capacity();
+                assert!(busy >= 500_000, "a busy writer keeps its buffers: {busy}");
+                log.seal();
+                let start = std::time::Instant::now();
+                while log.buffered_capacity() > 4096 {
+                    assert!(
+                        start.elapsed() < std::time::Duration::from_millis(500),
+                        "still holding {} bytes",
+                        log.buffered_capacity()
+                    );
+                    glommio::timer::sleep(std::time::Duration::from_millis(1)).await;
+                }
+                log.close();
+            })
+            .unwrap()
+            .join()
+            .unwrap();
     }
 }
