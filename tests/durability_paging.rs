@@ -273,6 +273,66 @@ async fn segments_holding_paged_messages_are_compacted() {
     );
 }
 
+/// A paged backlog long enough to be packed into frozen runs (over 4,096 messages in a row),
+/// its records interleaved with another queue's: once the other queue is drained, compaction
+/// moves the packed messages' records (unpacking their runs), a restart packs them again as it
+/// restores them, and every message comes back once, in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backlog_packed_into_runs_survives_compaction_and_a_restart() {
+    const SIZE: usize = 64;
+    const KEEP: u64 = 10_000;
+    let config = "[storage]\nsegment_bytes_max = 1048576\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 65536\n";
+    let broker = Broker::start_with_config(config);
+    let (_c, channel, recorder) = open_channel(&broker).await;
+    channel
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
+    declare_durable(&channel, "keep").await;
+    declare_durable(&channel, "drain").await;
+    for block in 0..KEEP / 100 {
+        publish(
+            &channel,
+            &recorder,
+            "keep",
+            block * 100..block * 100 + 100,
+            SIZE,
+            0,
+        )
+        .await;
+        publish(
+            &channel,
+            &recorder,
+            "drain",
+            block * 300..block * 300 + 300,
+            SIZE,
+            0,
+        )
+        .await;
+    }
+    assert_eq!(u64::from(ready(&channel, "keep").await), KEEP);
+    let written = log_bytes(&broker.data_path());
+
+    let (_d, drainer, _) = open_channel(&broker).await;
+    let drained = consume(&drainer, "drain", 3 * KEEP, SIZE).await;
+    assert_eq!(drained.len() as u64, 3 * KEEP);
+    let remaining =
+        log_bytes_fall_below(&broker.data_path(), written / 2, Duration::from_secs(20)).await;
+    assert!(
+        remaining < written / 2,
+        "compacted: {remaining} of {written} log bytes left"
+    );
+    assert_eq!(u64::from(ready(&channel, "keep").await), KEEP);
+
+    let broker = broker.stop(libc::SIGTERM).restart();
+    let kept = get_all(&broker, "keep", SIZE).await;
+    assert_eq!(
+        kept,
+        (0..KEEP).map(|n| (n, false)).collect::<Vec<_>>(),
+        "the packed messages survived compaction and a restart, in order"
+    );
+}
+
 /// The broker's resident memory does not grow with a persistent backlog: 40 MB of messages
 /// through a 1 MiB budget.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

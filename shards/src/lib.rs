@@ -11,6 +11,7 @@
 //!   never copied.
 
 pub mod buffer_pool;
+pub mod frozen_run;
 pub mod id_map;
 pub mod message;
 pub mod queue;

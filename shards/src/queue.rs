@@ -16,13 +16,20 @@
 //! the credit it was given, so the prefetch limit holds however far apart the two shards are.
 //!
 //! Paging: a ready message is either in memory (its body in the queue's slab) or paged out —
-//! only its place in the log (a [`Location`]) stays, 32 bytes per message. The shard pages out
-//! logged messages when its memory budget is exceeded and reads them back, in order, before
-//! they are delivered: dispatch and get stop at a paged message until it is filled in again.
+//! only its place in the log (a [`Location`]) stays. The shard pages out logged messages when
+//! its memory budget is exceeded and reads them back, in order, before they are delivered:
+//! dispatch and get stop at a paged message until it is filled in again. Long stretches of paged
+//! entries (32 bytes each) are packed into frozen runs (a few bytes each, see
+//! [`crate::frozen_run`]), one marker entry in `ready` per run, so that a backlog of millions
+//! costs megabytes, not hundreds of them; anything that needs one of a run's messages (reading
+//! it back, compaction moving its record, a requeue into its ids) unpacks the run first.
 //!
 //! Invariants (checked by `check_invariants` in tests and debug builds):
 //! - `ready` is sorted by message id, and no id is both ready and unacked;
-//! - a ready entry's slot is either `PAGED` (and it has a location) or holds its body;
+//! - a ready entry's slot is either `PAGED` (and it has a location), `FROZEN` (a marker: its
+//!   run in `frozen`, whose ids lie between the entries before and after it) or holds its body;
+//! - `frozen_extra` is the messages in runs beyond one per marker, so the queue's length is
+//!   `ready.len() + frozen_extra`;
 //! - `memory_bytes` is the size of the ready messages in memory, `unacked_bytes` that of the
 //!   delivered ones held for their ack, and the meter holds both sums over every queue that
 //!   shares it;
@@ -34,6 +41,7 @@ use std::iter::Rev;
 use std::ops::Range;
 use std::rc::Rc;
 
+use crate::frozen_run::{FrozenRun, PagedEntry};
 use crate::id_map::IdMap;
 
 use crate::message::Message;
@@ -149,6 +157,12 @@ const REDELIVERED_BIT: u64 = 1 << 63;
 const PERSISTENT_BIT: u64 = 1 << 62;
 const ID_MASK: u64 = PERSISTENT_BIT - 1;
 const PAGED: u32 = u32::MAX;
+/// A marker for a frozen run; its `location.offset` is the run's index in `Queue::frozen`.
+const FROZEN: u32 = u32::MAX - 1;
+/// Paged entries are packed this many at a time...
+const RUN_MAX: usize = 4096;
+/// ...and not at all below this many in a row (a run must be worth its marker).
+const RUN_MIN: usize = 64;
 
 fn tag(id: MessageId, redelivered: bool, persistent: bool) -> u64 {
     debug_assert!(id <= ID_MASK);
@@ -173,8 +187,34 @@ impl Ready {
         self.tagged_id & PERSISTENT_BIT != 0
     }
 
+    /// Paged out: a plain paged entry or a frozen run's marker.
     fn is_paged(&self) -> bool {
-        self.slot == PAGED
+        self.slot >= FROZEN
+    }
+
+    fn is_frozen(&self) -> bool {
+        self.slot == FROZEN
+    }
+
+    fn run_index(&self) -> usize {
+        self.location.offset as usize
+    }
+
+    fn paged_entry(&self) -> PagedEntry {
+        PagedEntry {
+            id: self.id(),
+            redelivered: self.redelivered(),
+            persistent: self.persistent(),
+            location: self.location,
+        }
+    }
+
+    fn from_paged(entry: PagedEntry) -> Ready {
+        Ready {
+            tagged_id: tag(entry.id, entry.redelivered, entry.persistent),
+            location: entry.location,
+            slot: PAGED,
+        }
     }
 
     fn location(&self) -> Option<Location> {
@@ -243,6 +283,13 @@ pub struct Queue {
     /// Bytes of the ready messages in memory (see `MemoryMeter`).
     memory_bytes: usize,
     paged_count: usize,
+    /// Frozen runs, indexed by their markers; `frozen_free` lists empty places.
+    frozen: Vec<Option<FrozenRun>>,
+    frozen_free: Vec<usize>,
+    /// Messages in frozen runs beyond one per marker.
+    frozen_extra: usize,
+    /// Paged entries `restore` appended since it last froze them.
+    restored_unfrozen: usize,
     meter: MemoryMeter,
     unacked: IdMap<Unacked>,
     /// Bytes of the messages in `unacked` (see `MemoryMeter::unacked_bytes`).
@@ -344,7 +391,20 @@ impl Queue {
 
     /// Ready messages (the count declare-ok and get-ok report).
     pub fn message_count(&self) -> u32 {
-        u32::try_from(self.ready.len()).unwrap_or(u32::MAX)
+        u32::try_from(self.ready.len() + self.frozen_extra).unwrap_or(u32::MAX)
+    }
+
+    /// Bytes the queue's ready entries take (its entry array and its frozen runs), bodies not
+    /// counted.
+    pub fn entry_bytes(&self) -> usize {
+        self.ready.capacity() * std::mem::size_of::<Ready>()
+            + self.frozen.capacity() * std::mem::size_of::<Option<FrozenRun>>()
+            + self
+                .frozen
+                .iter()
+                .flatten()
+                .map(|run| run.size_bytes() - std::mem::size_of::<FrozenRun>())
+                .sum::<usize>()
     }
 
     /// Bytes of ready messages held in memory (paged-out ones not counted).
@@ -546,11 +606,130 @@ impl Queue {
             location,
             slot: PAGED,
         });
+        self.restored_unfrozen += 1;
+        if self.restored_unfrozen >= RUN_MAX {
+            self.freeze_from(self.ready.len() - self.restored_unfrozen);
+            self.restored_unfrozen = 0;
+        }
     }
 
-    /// Room for `additional` more ready messages (recovery knows how many come).
+    /// Room for `additional` more ready messages (recovery knows how many come), which
+    /// `restore` packs into runs as they arrive.
     pub fn reserve(&mut self, additional: usize) {
-        self.ready.reserve_exact(additional);
+        self.ready
+            .reserve_exact(additional.min(RUN_MAX) + additional / RUN_MAX);
+    }
+
+    /// Packs the plain paged entries from `start` on into frozen runs, as long as at least
+    /// `RUN_MAX` of them follow in a row.
+    fn freeze_from(&mut self, mut start: usize) {
+        loop {
+            let in_a_row = self
+                .ready
+                .range(start.min(self.ready.len())..)
+                .take(RUN_MAX)
+                .take_while(|r| r.slot == PAGED)
+                .count();
+            if in_a_row < RUN_MAX {
+                // The entry array grew while the backlog was in memory: give most of it back.
+                let len = self.ready.len();
+                if self.ready.capacity() > 4 * len.max(RUN_MAX) {
+                    self.ready.shrink_to(2 * len.max(RUN_MAX));
+                }
+                return;
+            }
+            let entries = self
+                .ready
+                .range(start..start + RUN_MAX)
+                .map(Ready::paged_entry);
+            let Some(run) = FrozenRun::pack(entries, RUN_MAX) else {
+                start += 1;
+                continue;
+            };
+            let taken = run.len();
+            if taken < RUN_MIN {
+                // A segment ends or the records go back: leave these as they are.
+                start += taken;
+                continue;
+            }
+            let index = match self.frozen_free.pop() {
+                Some(index) => {
+                    self.frozen[index] = Some(run);
+                    index
+                }
+                None => {
+                    self.frozen.push(Some(run));
+                    self.frozen.len() - 1
+                }
+            };
+            let first = self.ready[start].id();
+            self.ready.drain(start + 1..start + taken);
+            self.ready[start] = Ready {
+                tagged_id: first,
+                location: Location {
+                    segment: 0,
+                    len: 0,
+                    offset: index as u64,
+                },
+                slot: FROZEN,
+            };
+            self.frozen_extra += taken - 1;
+            start += 1;
+        }
+    }
+
+    /// Unpacks the frozen run whose marker is at `position` back into plain paged entries,
+    /// moving whichever side of the deque is shorter.
+    fn thaw_at(&mut self, position: usize) {
+        let marker = &self.ready[position];
+        debug_assert!(marker.is_frozen());
+        let index = marker.run_index();
+        let Some(run) = self.frozen.get_mut(index).and_then(Option::take) else {
+            return;
+        };
+        self.frozen_free.push(index);
+        self.frozen_extra -= run.len() - 1;
+        let entries = run.entries().map(Ready::from_paged);
+        if position <= self.ready.len() / 2 {
+            let before: Vec<Ready> = self.ready.drain(..position).collect();
+            self.ready.pop_front();
+            let thawed: Vec<Ready> = entries.collect();
+            for ready in thawed.into_iter().rev().chain(before.into_iter().rev()) {
+                self.ready.push_front(ready);
+            }
+        } else {
+            let after: Vec<Ready> = self.ready.drain(position + 1..).collect();
+            self.ready.pop_back();
+            self.ready.extend(entries);
+            self.ready.extend(after);
+        }
+        if self.frozen.iter().all(Option::is_none) {
+            self.frozen = Vec::new();
+            self.frozen_free = Vec::new();
+        }
+    }
+
+    /// The position of the frozen run's marker whose ids span `id`, if any.
+    fn frozen_position(&self, id: MessageId) -> Option<usize> {
+        if self.frozen_extra == 0 && self.frozen.is_empty() {
+            return None;
+        }
+        let after = self.ready.partition_point(|r| r.id() <= id);
+        let position = after.checked_sub(1)?;
+        let marker = &self.ready[position];
+        let run = self.frozen.get(marker.run_index())?.as_ref()?;
+        (marker.is_frozen() && run.last_id() >= id).then_some(position)
+    }
+
+    /// Unpacks the run that may hold `id`, so that it can be found as a plain entry.
+    fn thaw_for(&mut self, id: MessageId) {
+        if let Some(position) = self.frozen_position(id) {
+            self.thaw_at(position);
+        }
+    }
+
+    fn run_of(&self, marker: &Ready) -> Option<&FrozenRun> {
+        self.frozen.get(marker.run_index())?.as_ref()
     }
 
     /// Paged-out messages among the first `window` ready ones, in order, up to `bytes_max` of
@@ -561,12 +740,35 @@ impl Queue {
             return out;
         }
         let mut bytes = 0u64;
-        for ready in self.ready.iter().take(window).filter(|r| r.is_paged()) {
-            bytes += u64::from(ready.location.len);
+        let mut seen = 0;
+        let mut take = |id: MessageId, location: Location| {
+            bytes += u64::from(location.len);
             if bytes > bytes_max && !out.is_empty() {
+                return false;
+            }
+            out.push((id, location));
+            true
+        };
+        for ready in &self.ready {
+            if ready.is_frozen() {
+                let Some(run) = self.run_of(ready) else {
+                    continue;
+                };
+                for entry in run.entries() {
+                    if seen >= window || !take(entry.id, entry.location) {
+                        return out;
+                    }
+                    seen += 1;
+                }
+                continue;
+            }
+            if seen >= window {
                 break;
             }
-            out.push((ready.id(), ready.location));
+            seen += 1;
+            if ready.is_paged() && !take(ready.id(), ready.location) {
+                break;
+            }
         }
         out
     }
@@ -577,22 +779,24 @@ impl Queue {
         // bisecting the whole deque, whose every step misses the cache when it is long.
         let front = self.ready.front()?.id();
         let offset = id.checked_sub(front)?;
+        let plain = |r: &Ready| r.id() == id && !r.is_frozen();
         if let Some(guess) = usize::try_from(offset)
             .ok()
-            .filter(|&g| self.ready.get(g).is_some_and(|r| r.id() == id))
+            .filter(|&g| self.ready.get(g).is_some_and(plain))
         {
             return Some(guess);
         }
         let position = self.ready.partition_point(|r| r.id() < id);
         self.ready
             .get(position)
-            .is_some_and(|r| r.id() == id)
+            .is_some_and(plain)
             .then_some(position)
     }
 
     /// Puts a paged-out message's body back (read from the log). False if the message is no
     /// longer ready or no longer paged out.
     pub fn fill(&mut self, id: MessageId, message: Message) -> bool {
+        self.thaw_for(id);
         let Some(position) = self.ready_position(id) else {
             return false;
         };
@@ -608,6 +812,7 @@ impl Queue {
     /// Drops a paged-out message whose record could not be read back; Some(persistent) if it
     /// was there.
     pub fn drop_unreadable(&mut self, id: MessageId) -> Option<bool> {
+        self.thaw_for(id);
         let position = self.ready_position(id)?;
         if !self.ready[position].is_paged() {
             return None;
@@ -675,8 +880,17 @@ impl Queue {
         durable: impl Fn(&Location) -> bool,
     ) -> usize {
         let (back, front) = self.pageable_runs(keep);
+        let back_start = back.start;
         let freed = self.page_run(back, bytes, &durable);
-        freed + self.page_run(front, bytes.saturating_sub(freed), &durable)
+        let freed = freed + self.page_run(front, bytes.saturating_sub(freed), &durable);
+        // The entries just paged at the back join the paged stretch before them (whose plain
+        // tail is shorter than a run, or it would have been frozen).
+        let mut start = back_start;
+        while start > 0 && back_start - start < RUN_MAX && self.ready[start - 1].slot == PAGED {
+            start -= 1;
+        }
+        self.freeze_from(start);
+        freed
     }
 
     fn page_run(
@@ -710,6 +924,7 @@ impl Queue {
             unacked.location = Some(location);
             return true;
         }
+        self.thaw_for(id);
         match self.ready_position(id) {
             Some(position) => {
                 self.ready[position].location = location;
@@ -728,12 +943,18 @@ impl Queue {
             .filter(|(_, u)| u.message.is_persistent())
             .map(|(id, _)| id)
             .collect();
-        ids.extend(
-            self.ready
-                .iter()
-                .filter(|r| r.redelivered() && r.persistent())
-                .map(Ready::id),
-        );
+        for ready in &self.ready {
+            if ready.is_frozen() {
+                let entries = self.run_of(ready).into_iter().flat_map(FrozenRun::entries);
+                ids.extend(
+                    entries
+                        .filter(|e| e.redelivered && e.persistent)
+                        .map(|e| e.id),
+                );
+            } else if ready.redelivered() && ready.persistent() {
+                ids.push(ready.id());
+            }
+        }
         ids.sort_unstable();
         ids
     }
@@ -763,6 +984,7 @@ impl Queue {
     }
 
     fn insert_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
+        self.thaw_for(id);
         let position = self.ready.partition_point(|r| r.id() < id);
         let persistent = message.is_persistent();
         let slot = self.store(message);
@@ -786,7 +1008,17 @@ impl Queue {
                 persistent: unacked.message.is_persistent(),
             });
         }
-        let ready = &self.ready[self.ready_position(id)?];
+        let Some(position) = self.ready_position(id) else {
+            let marker = &self.ready[self.frozen_position(id)?];
+            let entry = self.run_of(marker)?.find(id)?;
+            return Some(Found {
+                message: None,
+                location: Some(entry.location),
+                delivered: entry.redelivered,
+                persistent: entry.persistent,
+            });
+        };
+        let ready = &self.ready[position];
         Some(Found {
             message: self.slab.get(ready.slot as usize).and_then(Option::as_ref),
             location: ready.location(),
@@ -799,13 +1031,19 @@ impl Queue {
     /// to `logged` as (id, persistent).
     pub fn purge(&mut self, logged: &mut Vec<(MessageId, bool)>) -> u32 {
         let count = self.message_count();
-        logged.extend(
-            self.ready
-                .iter()
-                .filter(|r| r.location.len != 0)
-                .map(|r| (r.id(), r.persistent())),
-        );
+        for ready in &self.ready {
+            if ready.is_frozen() {
+                let entries = self.run_of(ready).into_iter().flat_map(FrozenRun::entries);
+                logged.extend(entries.map(|e| (e.id, e.persistent)));
+            } else if ready.location.len != 0 {
+                logged.push((ready.id(), ready.persistent()));
+            }
+        }
         self.ready.clear();
+        self.frozen = Vec::new();
+        self.frozen_free = Vec::new();
+        self.frozen_extra = 0;
+        self.restored_unfrozen = 0;
         self.slab = Vec::new();
         self.free = Vec::new();
         self.meter.sub(self.memory_bytes);
@@ -820,7 +1058,31 @@ impl Queue {
         let mut bytes = 0;
         let mut paged = 0;
         let mut in_memory = 0;
+        let mut runs = 0;
+        let mut extra = 0;
         for ready in &self.ready {
+            if ready.is_frozen() {
+                let run = self.run_of(ready).expect("a marker's run is there");
+                assert_eq!(
+                    run.first_id(),
+                    ready.id(),
+                    "a marker names its run's first id"
+                );
+                for entry in run.entries() {
+                    assert!(previous < Some(entry.id), "a run out of order");
+                    assert!(
+                        !self.unacked.contains_key(entry.id),
+                        "id both frozen and unacked"
+                    );
+                    assert!(entry.location.len != 0, "a frozen message without a record");
+                    previous = Some(entry.id);
+                }
+                assert_eq!(previous, Some(run.last_id()), "a run's last id");
+                paged += run.len();
+                extra += run.len() - 1;
+                runs += 1;
+                continue;
+            }
             assert!(previous < Some(ready.id()), "ready out of order");
             assert!(
                 !self.unacked.contains_key(ready.id()),
@@ -845,6 +1107,12 @@ impl Queue {
         let held: usize = self.unacked.values().map(|u| u.message.size_bytes()).sum();
         assert_eq!(held, self.unacked_bytes, "unacked_bytes drifted");
         assert_eq!(paged, self.paged_count, "paged_count drifted");
+        assert_eq!(extra, self.frozen_extra, "frozen_extra drifted");
+        assert_eq!(
+            runs,
+            self.frozen.iter().flatten().count(),
+            "a run without a marker"
+        );
         assert_eq!(
             in_memory,
             self.slab.iter().filter(|s| s.is_some()).count(),
@@ -1125,6 +1393,171 @@ mod tests {
         );
         assert_eq!(queue.paged_count(), 8);
         queue.check_invariants();
+    }
+
+    /// Reads paged messages back as the shard's pager does (a window at a time) and delivers
+    /// them to a no-ack consumer; returns the delivered bodies.
+    fn drain_paged(queue: &mut Queue) -> Vec<String> {
+        let mut c = consumer(9, Credit::Unlimited);
+        c.no_ack = true;
+        queue.add_consumer(c).unwrap();
+        let mut delivered = Vec::new();
+        loop {
+            let mut out = Vec::new();
+            queue.dispatch(&mut out);
+            delivered.extend(bodies(&out));
+            let window = queue.paged_window(PAGE_WINDOW, 1 << 20);
+            if window.is_empty() {
+                break;
+            }
+            for (id, location) in window {
+                assert_eq!(location, self::location(id), "the record of {id}");
+                assert!(queue.fill(id, message(&id.to_string())));
+            }
+            queue.check_invariants();
+        }
+        delivered
+    }
+
+    const PAGE_WINDOW: usize = 256;
+
+    /// A queue of `count` messages with back-to-back records, all paged out.
+    fn paged_backlog(count: u64) -> Queue {
+        let mut queue = Queue::with_meter(MemoryMeter::default());
+        for i in 0..count {
+            queue.publish(message(&i.to_string()), Some(location(i)));
+        }
+        queue.page_out(usize::MAX, 1, |_| true);
+        queue.check_invariants();
+        queue
+    }
+
+    #[test]
+    fn a_paged_backlog_is_packed_into_runs_and_read_back_in_order() {
+        const COUNT: u64 = 100_000;
+        let mut queue = paged_backlog(COUNT);
+        assert_eq!(queue.message_count() as u64, COUNT);
+        assert_eq!(
+            queue.paged_count() as u64,
+            COUNT - 1,
+            "all but the first kept"
+        );
+        assert!(
+            queue.ready.len() < 2 * RUN_MAX,
+            "{} entries",
+            queue.ready.len()
+        );
+        let bytes = queue.entry_bytes();
+        assert!(
+            bytes < COUNT as usize * 8,
+            "{bytes} bytes for {COUNT} messages"
+        );
+        let delivered = drain_paged(&mut queue);
+        let expected: Vec<String> = (0..COUNT).map(|i| i.to_string()).collect();
+        assert_eq!(delivered, expected);
+        assert_eq!(queue.message_count(), 0);
+        assert!(queue.frozen.is_empty(), "no run left behind");
+    }
+
+    #[test]
+    fn recovered_messages_are_packed_as_they_are_restored() {
+        const COUNT: u64 = 3 * RUN_MAX as u64 + 17;
+        let mut queue = Queue::new();
+        queue.reserve(COUNT as usize);
+        for id in 0..COUNT {
+            queue.restore(id, location(id), id % 1000 == 0);
+        }
+        queue.check_invariants();
+        assert_eq!(queue.message_count() as u64, COUNT);
+        assert!(
+            queue.ready.len() < RUN_MAX + 8,
+            "{} entries",
+            queue.ready.len()
+        );
+        let redelivered: Vec<u64> = (0..COUNT).filter(|id| id % 1000 == 0).collect();
+        assert_eq!(queue.delivered_persistent_ids(), redelivered);
+        let found = queue.find(5000).unwrap();
+        assert!(found.message.is_none() && found.persistent && found.delivered);
+        assert_eq!(found.location, Some(location(5000)));
+        assert!(queue.find(COUNT).is_none());
+        let delivered = drain_paged(&mut queue);
+        assert_eq!(delivered.len() as u64, COUNT);
+        assert!(delivered
+            .iter()
+            .enumerate()
+            .all(|(i, b)| *b == i.to_string()));
+    }
+
+    /// What reaches into a run unpacks it: compaction moving a record, a requeue between its
+    /// ids, an unreadable record; purge settles every packed message.
+    #[test]
+    fn runs_are_unpacked_by_whatever_needs_one_of_their_messages() {
+        let mut queue = Queue::with_meter(MemoryMeter::default());
+        // 0 is delivered and held (unacked) before the rest is paged and packed.
+        let count = 2 * RUN_MAX as u64 + 100;
+        for i in 0..count {
+            queue.publish(message(&i.to_string()), Some(location(i)));
+        }
+        queue.add_consumer(consumer(1, Credit::Limited(1))).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert_eq!(bodies(&out), vec!["0"]);
+        queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+        queue.page_out(usize::MAX, 0, |_| true);
+        queue.check_invariants();
+        assert!(!queue.frozen.is_empty());
+
+        // Compaction moved 3000's record.
+        let moved = Location {
+            segment: 9,
+            len: 100,
+            offset: 0,
+        };
+        assert!(queue.relocate(3000, moved));
+        assert_eq!(queue.find(3000).unwrap().location, Some(moved));
+        queue.check_invariants();
+        // An unknown id is ignored; 0 goes back before the first run.
+        assert!(!queue.relocate(count + 5, moved));
+        assert_eq!(queue.requeue(&[0]), 1);
+        queue.check_invariants();
+        assert_eq!(queue.drop_unreadable(5000), Some(false));
+        assert_eq!(queue.message_count() as u64, count - 1);
+        queue.check_invariants();
+
+        let mut logged = Vec::new();
+        assert_eq!(queue.purge(&mut logged) as u64, count - 1);
+        let mut ids: Vec<u64> = logged.iter().map(|(id, _)| *id).collect();
+        ids.sort_unstable();
+        let expected: Vec<u64> = (0..count).filter(|&id| id != 5000).collect();
+        assert_eq!(ids, expected);
+        queue.check_invariants();
+        assert!(queue.frozen.is_empty());
+    }
+
+    #[test]
+    fn a_requeue_into_a_run_goes_back_to_its_place() {
+        let mut queue = Queue::with_meter(MemoryMeter::default());
+        let count = 2 * RUN_MAX as u64;
+        for i in 0..count {
+            queue.publish(message(&i.to_string()), Some(location(i)));
+        }
+        // Deliver 0..3 and keep 1 unacked; the rest is paged and packed.
+        queue.add_consumer(consumer(1, Credit::Limited(3))).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+        let mut logged = Vec::new();
+        queue.ack(&[0, 2], &mut logged);
+        queue.page_out(usize::MAX, 0, |_| true);
+        assert!(!queue.frozen.is_empty());
+        assert_eq!(queue.requeue(&[1]), 1);
+        queue.check_invariants();
+        let delivered = drain_paged(&mut queue);
+        let expected: Vec<String> = std::iter::once(1)
+            .chain(3..count)
+            .map(|i| i.to_string())
+            .collect();
+        assert_eq!(delivered, expected);
     }
 
     #[test]
