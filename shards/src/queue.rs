@@ -22,7 +22,8 @@
 //! entries (32 bytes each) are packed into frozen runs (a few bytes each, see
 //! [`crate::frozen_run`]), one marker entry in `ready` per run, so that a backlog of millions
 //! costs megabytes, not hundreds of them; anything that needs one of a run's messages (reading
-//! it back, compaction moving its record, a requeue into its ids) unpacks the run first.
+//! it back, compaction moving its record, a requeue into its ids) unpacks the run first, and
+//! `freeze_paged` packs what compaction unpacked once it is done.
 //!
 //! Invariants (checked by `check_invariants` in tests and debug builds):
 //! - `ready` is sorted by message id, and no id is both ready and unacked;
@@ -709,9 +710,31 @@ impl Queue {
         }
     }
 
+    /// Packs every stretch of at least `RUN_MAX` plain paged entries (after compaction moved
+    /// the records of unpacked runs).
+    pub fn freeze_paged(&mut self) {
+        let mut starts = Vec::new();
+        let mut position = 0;
+        while position < self.ready.len() {
+            let in_a_row = self
+                .ready
+                .range(position..)
+                .take_while(|r| r.slot == PAGED)
+                .count();
+            if in_a_row >= RUN_MAX {
+                starts.push(position);
+            }
+            position += in_a_row.max(1);
+        }
+        // From the back, so that packing one stretch does not move the next one's start.
+        for start in starts.into_iter().rev() {
+            self.freeze_from(start);
+        }
+    }
+
     /// The position of the frozen run's marker whose ids span `id`, if any.
     fn frozen_position(&self, id: MessageId) -> Option<usize> {
-        if self.frozen_extra == 0 && self.frozen.is_empty() {
+        if self.frozen.is_empty() {
             return None;
         }
         let after = self.ready.partition_point(|r| r.id() <= id);
@@ -998,9 +1021,11 @@ impl Queue {
         );
     }
 
-    /// A message still in the queue, ready or delivered.
-    pub fn find(&self, id: MessageId) -> Option<Found<'_>> {
-        if let Some(unacked) = self.unacked.get(id) {
+    /// A message still in the queue, ready or delivered. A packed one is unpacked (compaction
+    /// asks, to move its record).
+    pub fn find(&mut self, id: MessageId) -> Option<Found<'_>> {
+        if self.unacked.contains_key(id) {
+            let unacked = self.unacked.get(id)?;
             return Some(Found {
                 message: Some(&unacked.message),
                 location: unacked.location,
@@ -1008,17 +1033,8 @@ impl Queue {
                 persistent: unacked.message.is_persistent(),
             });
         }
-        let Some(position) = self.ready_position(id) else {
-            let marker = &self.ready[self.frozen_position(id)?];
-            let entry = self.run_of(marker)?.find(id)?;
-            return Some(Found {
-                message: None,
-                location: Some(entry.location),
-                delivered: entry.redelivered,
-                persistent: entry.persistent,
-            });
-        };
-        let ready = &self.ready[position];
+        self.thaw_for(id);
+        let ready = &self.ready[self.ready_position(id)?];
         Some(Found {
             message: self.slab.get(ready.slot as usize).and_then(Option::as_ref),
             location: ready.location(),
@@ -1532,6 +1548,32 @@ mod tests {
         assert_eq!(ids, expected);
         queue.check_invariants();
         assert!(queue.frozen.is_empty());
+    }
+
+    /// Compaction unpacks the runs it moves (find, then relocate each message); once it is
+    /// done the queue packs them again, with their new places.
+    #[test]
+    fn runs_unpacked_by_compaction_are_packed_again() {
+        const COUNT: u64 = 3 * RUN_MAX as u64;
+        let mut queue = paged_backlog(COUNT);
+        let packed = queue.ready.len();
+        assert!(packed < RUN_MAX + 8, "{packed} entries");
+        let moved = |id: u64| Location {
+            segment: 2,
+            len: 100,
+            offset: id * 100,
+        };
+        for id in 1..COUNT {
+            assert!(queue.find(id).is_some_and(|f| f.message.is_none()));
+            assert!(queue.relocate(id, moved(id)));
+        }
+        assert!(queue.ready.len() as u64 == COUNT, "all unpacked");
+        queue.freeze_paged();
+        queue.check_invariants();
+        assert_eq!(queue.ready.len(), packed);
+        assert_eq!(queue.message_count() as u64, COUNT);
+        assert_eq!(queue.find(7).unwrap().location, Some(moved(7)));
+        queue.check_invariants();
     }
 
     #[test]

@@ -1740,9 +1740,11 @@ fn page_keep(owned: &OwnedQueue) -> usize {
 impl CompactionHost for ShardBroker {
     fn find(&self, queue: &LoggedQueue, id: MessageId) -> Option<LiveMessage> {
         let key = queue_key(queue)?;
-        let queues = self.queues.borrow();
-        let found = queues.get(&key)?.queue.find(id)?;
-        let durable = queues.get(&key)?.durable && found.persistent;
+        let mut queues = self.queues.borrow_mut();
+        let owned = queues.get_mut(&key)?;
+        let queue_durable = owned.durable;
+        let found = owned.queue.find(id)?;
+        let durable = queue_durable && found.persistent;
         Some(LiveMessage {
             message: found.message.cloned(),
             location: found.location,
@@ -1755,6 +1757,14 @@ impl CompactionHost for ShardBroker {
         if let Some(key) = queue_key(queue) {
             if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
                 owned.queue.relocate(id, location);
+            }
+        }
+    }
+
+    fn relocations_done(&self, queue: &LoggedQueue) {
+        if let Some(key) = queue_key(queue) {
+            if let Some(owned) = self.queues.borrow_mut().get_mut(&key) {
+                owned.queue.freeze_paged();
             }
         }
     }

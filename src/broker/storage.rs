@@ -126,6 +126,9 @@ pub trait CompactionHost {
     fn find(&self, queue: &LoggedQueue, id: MessageId) -> Option<LiveMessage>;
     /// The message's record now lies at `location`.
     fn relocate(&self, queue: &LoggedQueue, id: MessageId, location: Location);
+    /// A round of relocations into `queue` is over (its paged messages, unpacked to be moved,
+    /// can be packed again).
+    fn relocations_done(&self, queue: &LoggedQueue);
 }
 
 pub struct SegmentedWal {
@@ -635,6 +638,7 @@ impl SegmentedWal {
         }
         let count = moved.len();
         debug!("log segment {head_generation}: {count} live messages compacted");
+        let mut touched: Vec<LoggedQueue> = Vec::new();
         for (queue, id, location) in moved {
             self.forget(head_generation, &queue, id);
             if host.find(&queue, id).is_some() {
@@ -643,6 +647,12 @@ impl SegmentedWal {
                 // Settled while the copy was written: the settle counted against the head.
                 self.forget(u64::from(location.segment), &queue, id);
             }
+            if touched.last() != Some(&queue) && !touched.contains(&queue) {
+                touched.push(queue);
+            }
+        }
+        for queue in &touched {
+            host.relocations_done(queue);
         }
         count
     }

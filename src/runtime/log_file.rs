@@ -39,9 +39,9 @@ const BUFFER_KEEP_BYTES: usize = 1 << 20;
 const WRITE_CHUNK_BYTES: usize = 4 << 20;
 
 /// A writer with nothing to write for this long gives its buffers back (a sealed one, whose
-/// segment the log has rolled past, does so at once). A busy log catches up between batches all the time (a
-/// producer waiting for its confirms), and giving the buffers back then made every batch grow
-/// a new one again, reallocating and copying as it grew.
+/// segment the log has rolled past, does so at once). A busy log catches up between batches
+/// all the time (a producer waiting for its confirms), and giving the buffers back then made
+/// every batch grow a new one again, reallocating and copying as it grew.
 const IDLE_GIVE_BACK: Duration = Duration::from_secs(1);
 
 pub struct LogWriter {
