@@ -136,16 +136,6 @@ impl FrozenRun {
             }
         })
     }
-
-    /// The entry with `id`, if the run holds it.
-    pub fn find(&self, id: MessageId) -> Option<PagedEntry> {
-        if id < self.first_id || id > self.last_id {
-            return None;
-        }
-        self.entries()
-            .take_while(|e| e.id <= id)
-            .find(|e| e.id == id)
-    }
 }
 
 #[cfg(test)]
@@ -186,8 +176,6 @@ mod tests {
             "{} bytes",
             run.size_bytes()
         );
-        assert_eq!(run.find(500), Some(entries[490]));
-        assert_eq!(run.find(2704), None, "an id between two of the run's");
     }
 
     #[test]
