@@ -1576,6 +1576,103 @@ mod tests {
         queue.check_invariants();
     }
 
+    /// Random publishes, page-outs, page-ins with deliveries, acks, requeues, relocations and
+    /// purges against a model of which ids are ready: the queue keeps its invariants, its count
+    /// and its order, with runs packed and unpacked all along.
+    #[test]
+    fn frozen_runs_agree_with_a_model_under_random_operations() {
+        use std::collections::BTreeSet;
+        let mut seed = 0x2545_f491_4f6c_dd1du64;
+        let mut random = move |below: u64| {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed % below.max(1)
+        };
+        let mut queue = Queue::with_meter(MemoryMeter::default());
+        let mut ready: BTreeSet<u64> = BTreeSet::new();
+        let mut unacked: Vec<u64> = Vec::new();
+        let mut packed_seen = false;
+        for step in 0..400 {
+            match random(10) {
+                0..=2 => {
+                    // A quarter of the batches have some messages without a record (they stay
+                    // in memory, between paged ones).
+                    let unlogged_every = if random(4) == 0 { 50 } else { u64::MAX };
+                    for _ in 0..random(3000) {
+                        let id = queue.next_id();
+                        let logged = random(unlogged_every) != 0;
+                        let at = logged.then(|| location(id));
+                        assert_eq!(queue.publish(message(&id.to_string()), at), id);
+                        ready.insert(id);
+                    }
+                }
+                3 | 4 => {
+                    queue.page_out(usize::MAX, random(300) as usize, |_| true);
+                }
+                5 | 6 => {
+                    while queue.front_is_paged() {
+                        for (id, at) in queue.paged_window(PAGE_WINDOW, 1 << 20) {
+                            assert_eq!(at, location(id));
+                            assert!(queue.fill(id, message(&id.to_string())));
+                        }
+                    }
+                    let credit = random(500) as u32 + 1;
+                    queue
+                        .add_consumer(consumer(1, Credit::Limited(credit)))
+                        .unwrap();
+                    let mut out = Vec::new();
+                    queue.dispatch(&mut out);
+                    queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+                    let expected: Vec<u64> = ready.iter().copied().take(out.len()).collect();
+                    let got: Vec<u64> = out.iter().map(|d| d.id).collect();
+                    assert_eq!(got, expected, "step {step}: delivered in order");
+                    for id in got {
+                        ready.remove(&id);
+                        unacked.push(id);
+                    }
+                }
+                7 => {
+                    let split = random(unacked.len() as u64 + 1) as usize;
+                    let settled: Vec<u64> = unacked.drain(..split).collect();
+                    assert_eq!(queue.ack(&settled, &mut Vec::new()), settled.len());
+                    let back = random(unacked.len() as u64 + 1) as usize;
+                    let requeued: Vec<u64> = unacked.drain(..back).collect();
+                    assert_eq!(queue.requeue(&requeued), requeued.len());
+                    ready.extend(requeued);
+                }
+                8 => {
+                    if let Some(&id) = ready.iter().nth(random(ready.len() as u64) as usize) {
+                        let logged = queue.find(id).unwrap().location.is_some();
+                        let moved = Location {
+                            segment: 9,
+                            len: 100,
+                            offset: id * 100,
+                        };
+                        if logged && queue.find(id).unwrap().message.is_some() {
+                            assert!(queue.relocate(id, moved));
+                            assert_eq!(queue.find(id).unwrap().location, Some(moved));
+                            // Back where the model's page-ins expect it.
+                            assert!(queue.relocate(id, location(id)));
+                        }
+                        queue.freeze_paged();
+                    }
+                }
+                _ => {
+                    if random(4) == 0 {
+                        let mut logged = Vec::new();
+                        assert_eq!(queue.purge(&mut logged) as usize, ready.len());
+                        ready.clear();
+                    }
+                }
+            }
+            packed_seen |= !queue.frozen.is_empty();
+            queue.check_invariants();
+            assert_eq!(queue.message_count() as usize, ready.len(), "step {step}");
+        }
+        assert!(packed_seen, "the operations packed runs at some point");
+    }
+
     #[test]
     fn a_requeue_into_a_run_goes_back_to_its_place() {
         let mut queue = Queue::with_meter(MemoryMeter::default());
