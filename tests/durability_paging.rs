@@ -144,6 +144,24 @@ async fn numbers_in(broker: &Broker, queue: &str, size: usize) -> Vec<u64> {
         .collect()
 }
 
+/// A broker started with `config` and a channel on it in confirm mode.
+async fn confirming_broker(
+    config: &str,
+) -> (
+    Broker,
+    amqprs::connection::Connection,
+    Channel,
+    ChannelRecorder,
+) {
+    let broker = Broker::start_with_config(config);
+    let (connection, channel, recorder) = open_channel(&broker).await;
+    channel
+        .confirm_select(ConfirmSelectArguments::default())
+        .await
+        .unwrap();
+    (broker, connection, channel, recorder)
+}
+
 /// A broker with a 64 KiB budget whose queues live on the shard of the connection declaring
 /// them, and a channel that declared the (non-durable) `queue`.
 async fn small_budget_broker(queue: &str) -> (Broker, amqprs::connection::Connection, Channel) {
@@ -174,12 +192,7 @@ async fn publish_unconfirmed(channel: &Channel, queue: &str, count: u64, size: u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_paged_backlog_is_delivered_in_order_across_restarts() {
     const SIZE: usize = 1024;
-    let broker = Broker::start_with_config(CONFIG);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(CONFIG).await;
     declare_durable(&channel, "backlog").await;
     publish(&channel, &recorder, "backlog", 0..3000, SIZE, 7).await;
     assert_eq!(ready(&channel, "backlog").await, 3000);
@@ -233,12 +246,7 @@ async fn a_paged_backlog_is_delivered_in_order_across_restarts() {
 async fn segments_holding_paged_messages_are_compacted() {
     const SIZE: usize = 1024;
     let config = "[storage]\nsegment_bytes_max = 65536\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 16384\n";
-    let broker = Broker::start_with_config(config);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(config).await;
     // Both queues on the publisher's shard, their messages interleaved in its log.
     declare_durable(&channel, "keep").await;
     declare_durable(&channel, "drain").await;
@@ -282,12 +290,7 @@ async fn a_backlog_packed_into_runs_survives_compaction_and_a_restart() {
     const SIZE: usize = 64;
     const KEEP: u64 = 10_000;
     let config = "[storage]\nsegment_bytes_max = 1048576\ncompact_live_fraction = 0.5\n[queues]\nplacement = \"client-local\"\nmemory_budget_bytes = 65536\n";
-    let broker = Broker::start_with_config(config);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(config).await;
     declare_durable(&channel, "keep").await;
     declare_durable(&channel, "drain").await;
     for block in 0..KEEP / 100 {
@@ -340,12 +343,7 @@ async fn memory_stays_bounded_under_a_backlog() {
     const SIZE: usize = 4096;
     const MESSAGES: u64 = 10_000;
     let config = "[queues]\nmemory_budget_bytes = 1048576\n";
-    let broker = Broker::start_with_config(config);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(config).await;
     declare_durable(&channel, "big").await;
     publish(&channel, &recorder, "big", 0..100, SIZE, 0).await;
     let baseline = rss_bytes(broker.pid());
@@ -370,12 +368,7 @@ async fn transient_messages_are_paged_under_pressure() {
     const MESSAGES: u64 = 20_000;
     let config =
         "[storage]\nsegment_bytes_max = 1048576\n[queues]\nmemory_budget_bytes = 1048576\n";
-    let broker = Broker::start_with_config(config);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(config).await;
     channel
         .queue_declare(QueueDeclareArguments::new("scratch"))
         .await
@@ -593,12 +586,7 @@ async fn memory_goes_back_after_a_burst() {
 /// restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_ack_deliveries_do_not_come_back_after_a_restart() {
-    let broker = Broker::start_with_config(CONFIG);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (broker, _c, channel, recorder) = confirming_broker(CONFIG).await;
     declare_durable(&channel, "fire-and-forget").await;
     publish(&channel, &recorder, "fire-and-forget", 0..500, 256, 0).await;
     let (_d, consumer, _) = open_channel(&broker).await;
