@@ -470,15 +470,10 @@ pub fn rss_bytes(pid: u32) -> u64 {
 
 /// Bytes of every shard's write-ahead log segments under a data directory.
 pub fn log_bytes(data: &std::path::Path) -> u64 {
-    let mut total = 0;
-    for shard in std::fs::read_dir(data).unwrap().flatten() {
-        if shard.file_name().to_string_lossy().starts_with("shard-") {
-            for file in std::fs::read_dir(shard.path()).unwrap().flatten() {
-                total += file.metadata().unwrap().len();
-            }
-        }
-    }
-    total
+    written_log_files(data)
+        .iter()
+        .map(|file| std::fs::metadata(file).map_or(0, |m| m.len()))
+        .sum()
 }
 
 /// Waits up to `within` for the log files under `data` to shrink below `limit` bytes (segments
@@ -489,6 +484,38 @@ pub async fn log_bytes_fall_below(data: &std::path::Path, limit: u64, within: Du
         let bytes = log_bytes(data);
         if bytes < limit || std::time::Instant::now() >= deadline {
             return bytes;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The log segment files under `data` that hold anything (a segment created ahead of time is
+/// still empty).
+pub fn written_log_files(data: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for shard in std::fs::read_dir(data).unwrap().flatten() {
+        if shard.file_name().to_string_lossy().starts_with("shard-") {
+            for file in std::fs::read_dir(shard.path()).unwrap().flatten() {
+                if file.metadata().unwrap().len() > 0 {
+                    files.push(file.path());
+                }
+            }
+        }
+    }
+    files
+}
+
+/// Waits up to `within` for every one of `files` to be deleted (reclaimed or compacted away in
+/// the background); returns those still there at the end.
+pub async fn log_files_gone(
+    files: &[std::path::PathBuf],
+    within: Duration,
+) -> Vec<std::path::PathBuf> {
+    let deadline = std::time::Instant::now() + within;
+    loop {
+        let left: Vec<_> = files.iter().filter(|f| f.exists()).cloned().collect();
+        if left.is_empty() || std::time::Instant::now() >= deadline {
+            return left;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
