@@ -320,6 +320,9 @@ pub enum ShardMessage {
     Flow {
         state: PublisherFlow,
     },
+    /// The answer to `Flow { state: Draining }`: the sender holds its publishers now, and what
+    /// they published before is ahead of this in the channel.
+    FlowHeld,
 }
 
 /// Whether a shard holds publishers back (they stop reading), and why.

@@ -78,6 +78,9 @@ const FLOW_STALL: Duration = Duration::from_secs(1);
 /// wait for consumers again for `DRAIN_REFUSED_FOR` (see `ShardBroker::check_drain`).
 const DRAIN_WINDOW: Duration = Duration::from_millis(50);
 const DRAIN_REFUSED_FOR: Duration = Duration::from_secs(1);
+/// The first window starts once every shard told to hold its publishers has answered (what they
+/// published before is in), or after this long whatever they answered.
+const DRAIN_HELD_WAIT_MAX: Duration = Duration::from_secs(1);
 /// The pager may have half the budget unsynced, but at least this much: with a small budget,
 /// a tighter bound made paging slower than the log takes it and kept more in memory
 /// (`transient_messages_are_paged_under_pressure`, 1 MiB budget: RSS grew 58-66 MB with half
@@ -209,6 +212,9 @@ pub struct ShardBroker {
     publishers_from: Vec<Cell<bool>>,
     /// Whether publishers wait for this shard's consumers (`check_drain`); never with the alarm.
     draining: Cell<bool>,
+    /// Per shard: how many times it was told to hold its publishers for this shard's consumers
+    /// and has not answered yet (`FlowHeld`).
+    held_answers_due: Vec<Cell<u32>>,
     /// A watcher waits for memory to fall after a burst past the budget (`trim_after_burst`).
     trim_pending: Cell<bool>,
     /// The metadata log (the coordinator's shard only).
@@ -266,6 +272,7 @@ impl ShardBroker {
             drain_refused_until: Cell::new(None),
             publishers_from: (0..shard_count).map(|_| Cell::new(false)).collect(),
             draining: Cell::new(false),
+            held_answers_due: (0..shard_count).map(|_| Cell::new(0)).collect(),
             trim_pending: Cell::new(false),
             flow_resumed: Signal::default(),
             flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
@@ -410,16 +417,25 @@ impl ShardBroker {
             self.memory_budget
         );
         self.draining.set(true);
+        for shard in sources.iter().filter(|&&shard| shard != self.id) {
+            let due = &self.held_answers_due[shard.index()];
+            due.set(due.get() + 1);
+        }
         self.tell_flow(&sources, PublisherFlow::Draining);
         glommio::spawn_local(self.clone().watch_drain(sources)).detach();
     }
 
     /// While publishers wait for consumers: lets them go once memory is under three quarters of
-    /// the budget, or pages if it does not fall fast enough.
+    /// the budget, or pages if it does not fall fast enough. Windows start once the held shards
+    /// have answered: until then what their publishers sent before holding is still arriving
+    /// (up to the mesh's and the outbox's bounds, which a busy shard takes a while to take in),
+    /// and counting it against the consumers made them look too slow whenever the publishers'
+    /// connections were on another shard.
     async fn watch_drain(self: Rc<Self>, sources: Vec<ShardId>) {
         let resume_at = self.memory_budget / 4 * 3;
+        let started = Instant::now();
         // The window's highest point: what was read before publishers stopped still arrives.
-        let (mut since, mut highest) = (Instant::now(), self.meter.bytes());
+        let (mut since, mut highest) = (started, self.meter.bytes());
         loop {
             glommio::timer::sleep(FLOW_CHECK_INTERVAL).await;
             let now = self.meter.bytes();
@@ -427,6 +443,13 @@ impl ShardBroker {
                 break;
             }
             highest = highest.max(now);
+            let answered = sources
+                .iter()
+                .all(|shard| self.held_answers_due[shard.index()].get() == 0);
+            if !answered && started.elapsed() < DRAIN_HELD_WAIT_MAX {
+                since = Instant::now();
+                continue;
+            }
             if since.elapsed() >= DRAIN_WINDOW {
                 if highest - now < self.memory_budget / 64 {
                     info!(
@@ -729,7 +752,17 @@ impl ShardBroker {
                     });
                 }
             }
-            ShardMessage::Flow { state } => self.set_flow(from, state),
+            ShardMessage::Flow { state } => {
+                self.set_flow(from, state);
+                if state == PublisherFlow::Draining {
+                    self.post(from, ShardMessage::FlowHeld);
+                }
+            }
+            ShardMessage::FlowHeld => {
+                if let Some(due) = self.held_answers_due.get(from.index()) {
+                    due.set(due.get().saturating_sub(1));
+                }
+            }
             ShardMessage::Confirmed { to, ok } => {
                 let port = self.connections.borrow().get(&to.connection).cloned();
                 if let Some(port) = port {
