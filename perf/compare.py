@@ -53,8 +53,8 @@ def scenarios(duration, backlog):
 
 def default_shards():
     """One shard per core but one: the load generator runs on the same machine and needs a core
-    (on 2 cores, a second shard only competes with it: measured 2026-11-21, 4 x 4 at 45k msg/s
-    with two shards against 82k with one)."""
+    (on 2 cores a second shard gains little throughput, costs CPU per message, and doubles the
+    wake-ups of a message that crosses shards at low rates: perf/README.md, 2026-12-03)."""
     return max(1, (os.cpu_count() or 1) - 1)
 
 
