@@ -217,3 +217,61 @@ async fn headers_arguments_and_errors_through_lapin() {
         "{error}"
     );
 }
+
+/// RabbitMQ's checks on queue arguments: a negative x-message-ttl or a dead-letter routing key
+/// without a dead-letter exchange is refused with 406 and RabbitMQ's wording, closing only that
+/// channel; the connection goes on, and valid arguments (applied or not) are accepted.
+#[tokio::test]
+async fn invalid_queue_arguments_are_refused_as_rabbitmq_refuses_them() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (connection, _channel) = lapin_channel(&broker).await;
+    let refused = [
+        (
+            "x-message-ttl",
+            AMQPValue::LongInt(-5),
+            "invalid arg 'x-message-ttl' for queue 'bad' in vhost '/': {value_negative,-5}",
+        ),
+        (
+            "x-dead-letter-routing-key",
+            AMQPValue::LongString("dead".into()),
+            "invalid arg 'x-dead-letter-routing-key' for queue 'bad' in vhost '/': \
+             routing_key_but_no_dlx_defined",
+        ),
+        (
+            "x-max-priority",
+            AMQPValue::LongString("9".into()),
+            "invalid arg 'x-max-priority' for queue 'bad' in vhost '/': \
+             \"expected integer, got longstr\"",
+        ),
+    ];
+    for (name, value, text) in refused {
+        let channel = connection.create_channel().await.expect("channel");
+        let mut arguments = FieldTable::default();
+        arguments.insert(name.into(), value);
+        let error = channel
+            .queue_declare("bad".into(), QueueDeclareOptions::default(), arguments)
+            .await
+            .expect_err("refused");
+        let error = error.to_string();
+        assert!(
+            error.contains("PRECONDITION_FAILED") && error.contains(text),
+            "{name}: {error}"
+        );
+    }
+    let channel = connection.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-message-ttl".into(), AMQPValue::LongInt(60_000));
+    arguments.insert("x-max-priority".into(), AMQPValue::ShortShortUInt(10));
+    arguments.insert(
+        "x-dead-letter-exchange".into(),
+        AMQPValue::LongString("".into()),
+    );
+    arguments.insert(
+        "x-dead-letter-routing-key".into(),
+        AMQPValue::LongString("dead".into()),
+    );
+    channel
+        .queue_declare("good".into(), QueueDeclareOptions::default(), arguments)
+        .await
+        .expect("valid arguments are accepted");
+}

@@ -15,6 +15,7 @@ use log::{debug, warn};
 use shards::ShardId;
 
 use super::messages::{MetaOutcome, MetaRequest, QueueKey, Reply, ShardMessage};
+use super::queue_arguments;
 use super::routing::{
     tables_equivalent, BindingDef, ConnectionRef, Destination, ExchangeDef, MetaOp, QueueDef,
     VhostRouting,
@@ -250,6 +251,12 @@ impl Coordinator {
                 auto_delete,
                 arguments,
             } => {
+                if !*passive {
+                    let (queue, vhost_name) = (name.to_str_lossy(), vhost.to_str_lossy());
+                    if let Some(text) = queue_arguments::refusal(arguments, &queue, &vhost_name) {
+                        return Err(refused(ReplyCode::PreconditionFailed, text));
+                    }
+                }
                 let existing = shard
                     .with_routing(vhost, |r| r.queue(name).cloned())
                     .flatten();

@@ -3,11 +3,13 @@
 //!
 //! - [`routing`]: one vhost's exchanges, bindings and queue placements, as every shard holds them.
 //! - [`topic`]: the trie topic exchanges match with.
+//! - [`queue_arguments`]: the x-arguments checks RabbitMQ makes at queue.declare.
 
 pub mod coordinator;
 pub mod messages;
 pub mod meta_log;
 pub mod oneshot;
+pub mod queue_arguments;
 pub mod routing;
 pub mod session;
 pub mod shard;

@@ -773,6 +773,39 @@ def queue_argument_invalid_ttl_is_406(o):
 
 
 @scenario
+def queue_argument_checks_are_rabbitmqs(o):
+    # Each refused on a channel of its own, with RabbitMQ's reply text.
+    refused = [
+        {"x-message-ttl": "100"},
+        {"x-expires": 0},
+        {"x-max-length": -1},
+        {"x-max-length-bytes": [1]},
+        {"x-max-priority": 256},
+        {"x-dead-letter-exchange": 7},
+        {"x-dead-letter-routing-key": "dead"},
+        {"x-overflow": "drop-tail"},
+        {"x-queue-mode": "eager"},
+        {"x-single-active-consumer": "yes"},
+        {"x-dead-letter-exchange": "d", "x-dead-letter-routing-key": 7},
+        {"x-overflow": 7},
+        {"x-expires": "x"},
+        {"x-max-priority": -1},
+        {"x-queue-type": "nope"},
+        {"x-queue-type": 7},
+    ]
+    for n, arguments in enumerate(refused):
+        ch = o.channel()
+        o.call(f"declare{n}", lambda: ch.queue_declare(o.name(f"q{n}"), arguments=arguments))
+    accepted = {"x-message-ttl": 4294967296, "x-expires": 1000, "x-max-length": 0, "x-max-priority": 255,
+                "x-dead-letter-exchange": "", "x-dead-letter-routing-key": "dead",
+                "x-overflow": "reject-publish", "x-queue-mode": "lazy",
+                "x-single-active-consumer": True}
+    ch = o.channel()
+    o.call("valid", lambda: ch.queue_declare(o.name("ok"), arguments=accepted))
+    o.call("delete", lambda: ch.queue_delete(o.name("ok")))
+
+
+@scenario
 def queue_argument_unknown_x_argument_is_accepted(o):
     ch = o.channel()
     o.call("declare", lambda: ch.queue_declare(o.name(), arguments={"x-shardmq-unknown": 1}))
