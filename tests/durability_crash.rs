@@ -9,10 +9,11 @@ mod common;
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use amqprs::channel::{BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments};
+use amqprs::channel::{BasicPublishArguments, QueueDeclareArguments};
 use amqprs::BasicProperties;
 use common::{
-    consume_with_prefetch, drain_no_ack, next_delivery, open_channel, Broker, BALANCED_PAGING,
+    consume_with_prefetch, drain_no_ack, next_delivery, open_channel, open_confirming_channel,
+    Broker, BALANCED_PAGING,
 };
 
 const PRODUCERS: usize = 3;
@@ -27,11 +28,7 @@ async fn confirmed_messages_survive_sigkill_exactly_once() {
         let mut tasks = Vec::new();
         let mut connections = Vec::new();
         for producer in 0..PRODUCERS {
-            let (connection, channel, recorder) = open_channel(&broker).await;
-            channel
-                .confirm_select(ConfirmSelectArguments::default())
-                .await
-                .unwrap();
+            let (connection, channel, recorder) = open_confirming_channel(&broker).await;
             let mut declare = QueueDeclareArguments::new(&format!("crash-{producer}"));
             declare.durable(true);
             channel.queue_declare(declare).await.unwrap();
@@ -125,11 +122,7 @@ async fn acked_messages_stay_acked_across_sigkill() {
     for round in 0..2u64 {
         let queue = format!("work-{round}");
         {
-            let (_c, channel, recorder) = open_channel(&broker).await;
-            channel
-                .confirm_select(ConfirmSelectArguments::default())
-                .await
-                .unwrap();
+            let (_c, channel, recorder) = open_confirming_channel(&broker).await;
             let mut declare = QueueDeclareArguments::new(&queue);
             declare.durable(true);
             channel.queue_declare(declare).await.unwrap();

@@ -11,12 +11,13 @@ use std::time::Duration;
 
 use amqprs::channel::{
     BasicAckArguments, BasicConsumeArguments, BasicGetArguments, BasicPublishArguments, Channel,
-    ConfirmSelectArguments, QueueDeclareArguments, QueueDeleteArguments,
+    QueueDeclareArguments, QueueDeleteArguments,
 };
 use amqprs::BasicProperties;
 use common::{
     consume_with_prefetch, drain_no_ack, log_bytes, log_bytes_fall_below, log_files_gone,
-    next_delivery, open_channel, rss_bytes, written_log_files, Broker, ChannelRecorder,
+    next_delivery, open_channel, open_confirming_channel, rss_bytes, written_log_files, Broker,
+    ChannelRecorder,
 };
 
 /// A 64 KiB budget per shard, 1 MiB segments, queues spread over both shards.
@@ -154,11 +155,7 @@ async fn confirming_broker(
     ChannelRecorder,
 ) {
     let broker = Broker::start_with_config(config);
-    let (connection, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (connection, channel, recorder) = open_confirming_channel(&broker).await;
     (broker, connection, channel, recorder)
 }
 

@@ -7,11 +7,13 @@ mod common;
 use std::time::Duration;
 
 use amqprs::channel::{
-    BasicAckArguments, BasicGetArguments, BasicPublishArguments, Channel, ConfirmSelectArguments,
-    ExchangeDeclareArguments, QueueBindArguments, QueueDeclareArguments,
+    BasicAckArguments, BasicGetArguments, BasicPublishArguments, Channel, ExchangeDeclareArguments,
+    QueueBindArguments, QueueDeclareArguments,
 };
 use amqprs::BasicProperties;
-use common::{drain_no_ack, open_channel, Broker, ChannelRecorder, BALANCED};
+use common::{
+    drain_no_ack, open_channel, open_confirming_channel, Broker, ChannelRecorder, BALANCED,
+};
 
 async fn durable_queue(channel: &Channel, name: &str) {
     let mut args = QueueDeclareArguments::new(name);
@@ -66,11 +68,7 @@ async fn exists(broker: &Broker, queue: &str) -> bool {
 async fn durable_entities_and_persistent_messages_survive_a_restart() {
     let broker = Broker::start_with_config(BALANCED);
     {
-        let (_c, channel, recorder) = open_channel(&broker).await;
-        channel
-            .confirm_select(ConfirmSelectArguments::default())
-            .await
-            .unwrap();
+        let (_c, channel, recorder) = open_confirming_channel(&broker).await;
         let mut durable_exchange = ExchangeDeclareArguments::new("events", "topic");
         durable_exchange.durable(true);
         channel.exchange_declare(durable_exchange).await.unwrap();

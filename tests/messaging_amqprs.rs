@@ -17,7 +17,9 @@ use amqprs::channel::{
 };
 use amqprs::channel::{Channel, ConsumerMessage};
 use amqprs::{BasicProperties, FieldTable, FieldValue};
-use common::{consume_with_prefetch, next_delivery, open_channel, Broker, BALANCED};
+use common::{
+    consume_with_prefetch, next_delivery, open_channel, open_confirming_channel, Broker, BALANCED,
+};
 use tokio::sync::mpsc::UnboundedReceiver;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -477,11 +479,7 @@ async fn closing_a_channel_requeues_its_unacked_messages() {
 #[tokio::test]
 async fn publisher_confirms_ack_every_publish() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (_c, channel, recorder) = open_confirming_channel(&broker).await;
     declare(&channel, "confirmed").await;
     channel
         .exchange_declare(ExchangeDeclareArguments::new("wide", "fanout"))
@@ -521,11 +519,7 @@ async fn publisher_confirms_ack_every_publish() {
 #[tokio::test]
 async fn mandatory_unroutable_messages_are_returned_then_confirmed() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_c, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (_c, channel, recorder) = open_confirming_channel(&broker).await;
     let mut args = BasicPublishArguments::new("amq.direct", "nobody");
     args.mandatory(true);
     channel

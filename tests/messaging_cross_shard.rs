@@ -6,11 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use amqprs::channel::{
-    BasicConsumeArguments, BasicPublishArguments, ConfirmSelectArguments, QueueDeclareArguments,
-};
+use amqprs::channel::{BasicConsumeArguments, BasicPublishArguments, QueueDeclareArguments};
 use amqprs::BasicProperties;
-use common::{next_delivery, open_channel, Broker, BALANCED};
+use common::{next_delivery, open_confirming_channel, Broker, BALANCED};
 
 fn counter(line: &str, label: &str) -> u64 {
     // "... {n} publishes and {m} deliveries received from other shards"
@@ -45,11 +43,7 @@ async fn stop_and_count<const N: usize>(broker: Broker, labels: [&str; N]) -> (S
 #[tokio::test]
 async fn publishes_and_deliveries_cross_the_mesh() {
     let broker = Broker::start_with_config(BALANCED);
-    let (_connection, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (_connection, channel, recorder) = open_confirming_channel(&broker).await;
     let queues = ["q0", "q1", "q2", "q3"];
     let mut receivers = Vec::new();
     for queue in queues {
@@ -107,11 +101,7 @@ async fn a_congested_mesh_holds_publishers_back_and_loses_nothing() {
     const SIZE: usize = 4096;
     let config = format!("{BALANCED}[runtime]\nmesh_channel_bytes = {SIZE}\n");
     let broker = Broker::start_with_config(&config);
-    let (_connection, channel, recorder) = open_channel(&broker).await;
-    channel
-        .confirm_select(ConfirmSelectArguments::default())
-        .await
-        .unwrap();
+    let (_connection, channel, recorder) = open_confirming_channel(&broker).await;
     // Placed round-robin: one queue on each shard, so one of them is across the mesh.
     let queues = ["near-or-far-0", "near-or-far-1"];
     for queue in queues {

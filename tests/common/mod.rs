@@ -489,6 +489,22 @@ pub async fn log_bytes_fall_below(data: &std::path::Path, limit: u64, within: Du
     }
 }
 
+/// `open_channel` with publisher confirms selected on the channel.
+pub async fn open_confirming_channel(
+    broker: &Broker,
+) -> (
+    amqprs::connection::Connection,
+    amqprs::channel::Channel,
+    ChannelRecorder,
+) {
+    let (connection, channel, recorder) = open_channel(broker).await;
+    channel
+        .confirm_select(amqprs::channel::ConfirmSelectArguments::default())
+        .await
+        .expect("confirm.select");
+    (connection, channel, recorder)
+}
+
 /// The log segment files under `data` that hold anything (a segment created ahead of time is
 /// still empty).
 pub fn written_log_files(data: &std::path::Path) -> Vec<std::path::PathBuf> {
