@@ -267,6 +267,24 @@ pub struct Got {
     pub logged: bool,
 }
 
+/// A message that left the queue without being delivered or acked: expired, dropped from the
+/// head of a full queue, or rejected without requeue. Its owner may dead-letter it, and must
+/// settle its record if it has one.
+#[derive(Debug, Clone)]
+pub struct Dropped {
+    pub id: MessageId,
+    pub message: Message,
+    pub location: Option<Location>,
+}
+
+impl Dropped {
+    /// (id, persistent) if it has a record in the log, as `ack` reports settled messages.
+    pub fn logged(&self) -> Option<(MessageId, bool)> {
+        self.location
+            .map(|_| (self.id, self.message.is_persistent()))
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConsumeRefusal {
     /// An exclusive consumer holds the queue.
@@ -283,6 +301,10 @@ pub struct Queue {
     free: Vec<u32>,
     /// Bytes of the ready messages in memory (see `MemoryMeter`).
     memory_bytes: usize,
+    /// Body bytes of the ready messages in memory, and record bytes of the paged ones (their
+    /// bodies are not known until read back): what x-max-length-bytes limits.
+    body_bytes: u64,
+    paged_record_bytes: u64,
     paged_count: usize,
     /// Frozen runs, indexed by their markers; `frozen_free` lists empty places.
     frozen: Vec<Option<FrozenRun>>,
@@ -327,6 +349,7 @@ impl Queue {
     fn store(&mut self, message: Message) -> u32 {
         let bytes = message.size_bytes();
         self.memory_bytes += bytes;
+        self.body_bytes += message.body().len() as u64;
         self.meter.add(bytes);
         match self.free.pop() {
             Some(slot) => {
@@ -344,6 +367,7 @@ impl Queue {
         let message = self.slab.get_mut(slot as usize)?.take()?;
         let bytes = message.size_bytes();
         self.memory_bytes -= bytes;
+        self.body_bytes -= message.body().len() as u64;
         self.meter.sub(bytes);
         if self.memory_bytes == 0 && self.slab.len() > 1024 {
             // Everything left is paged (or the queue is empty): give the slab back.
@@ -413,6 +437,24 @@ impl Queue {
         self.memory_bytes
     }
 
+    /// The size of the ready messages as x-max-length-bytes counts it: their bodies, or for
+    /// paged-out ones the length of their record in the log.
+    pub fn content_bytes(&self) -> u64 {
+        self.body_bytes + self.paged_record_bytes
+    }
+
+    /// The first ready message, unless the queue is empty or it is paged out.
+    pub fn front(&self) -> Option<(MessageId, &Message)> {
+        let ready = self.ready.front().filter(|r| !r.is_paged())?;
+        let message = self.slab.get(ready.slot as usize)?.as_ref()?;
+        Some((ready.id(), message))
+    }
+
+    /// The id of the first ready message, paged out or not.
+    pub fn front_id(&self) -> Option<MessageId> {
+        self.ready.front().map(Ready::id)
+    }
+
     /// Ready messages whose body is paged out.
     pub fn paged_count(&self) -> usize {
         self.paged_count
@@ -421,6 +463,11 @@ impl Queue {
     /// The first ready message is paged out: dispatch and get wait for it to be read back.
     pub fn front_is_paged(&self) -> bool {
         self.ready.front().is_some_and(Ready::is_paged)
+    }
+
+    /// Message `id` is delivered and not settled yet.
+    pub fn holds_unacked(&self, id: MessageId) -> bool {
+        self.unacked.contains_key(id)
     }
 
     pub fn unacked_count(&self) -> usize {
@@ -509,7 +556,22 @@ impl Queue {
     /// Hands ready messages to consumers round-robin, as far as their credit goes and up to the
     /// first paged-out message.
     pub fn dispatch(&mut self, out: &mut Vec<Delivery>) {
-        while !self.ready.is_empty() && !self.consumers.is_empty() && !self.front_is_paged() {
+        self.dispatch_expiring(out, |_, _| false, &mut Vec::new());
+    }
+
+    /// `dispatch`, except that each message `expired` names when it reaches the front is taken
+    /// off into `dropped` instead of being delivered (TTL: messages expire at the head).
+    pub fn dispatch_expiring(
+        &mut self,
+        out: &mut Vec<Delivery>,
+        mut expired: impl FnMut(MessageId, &Message) -> bool,
+        dropped: &mut Vec<Dropped>,
+    ) {
+        while !self.consumers.is_empty() {
+            self.drop_front_while(&mut expired, dropped, usize::MAX);
+            if self.ready.is_empty() || self.front_is_paged() {
+                return;
+            }
             let count = self.consumers.len();
             let Some(offset) = (0..count).find(|offset| {
                 self.consumers[(self.cursor + offset) % count]
@@ -545,6 +607,29 @@ impl Queue {
                 message,
             });
         }
+    }
+
+    /// Takes messages off the front while they are in memory and `drop` says so, at most
+    /// `limit` of them, into `dropped`; returns how many.
+    pub fn drop_front_while(
+        &mut self,
+        mut drop: impl FnMut(MessageId, &Message) -> bool,
+        dropped: &mut Vec<Dropped>,
+        limit: usize,
+    ) -> usize {
+        let mut count = 0;
+        while count < limit && self.front().is_some_and(|(id, message)| drop(id, message)) {
+            let Some((ready, message)) = self.pop_front() else {
+                break;
+            };
+            dropped.push(Dropped {
+                id: ready.id(),
+                message,
+                location: ready.location(),
+            });
+            count += 1;
+        }
+        count
     }
 
     /// The first ready message with its body, unless it is paged out.
@@ -595,6 +680,22 @@ impl Queue {
         settled
     }
 
+    /// Takes delivered messages back for good without an ack (reject or nack without requeue),
+    /// into `dropped`; returns how many were unacked.
+    pub fn reject(&mut self, ids: &[MessageId], dropped: &mut Vec<Dropped>) -> usize {
+        let before = dropped.len();
+        for id in ids {
+            if let Some(unacked) = self.release(*id) {
+                dropped.push(Dropped {
+                    id: *id,
+                    message: unacked.message,
+                    location: unacked.location,
+                });
+            }
+        }
+        dropped.len() - before
+    }
+
     /// Puts a message recovered from the log back, paged out, in id order, before the queue
     /// serves.
     pub fn restore(&mut self, id: MessageId, location: Location, redelivered: bool) {
@@ -602,6 +703,7 @@ impl Queue {
         debug_assert!(location.len != 0);
         self.next_id = self.next_id.max(id + 1);
         self.paged_count += 1;
+        self.paged_record_bytes += u64::from(location.len);
         self.ready.push_back(Ready {
             tagged_id: tag(id, redelivered, true),
             location,
@@ -829,6 +931,7 @@ impl Queue {
         let slot = self.store(message);
         self.ready[position].slot = slot;
         self.paged_count -= 1;
+        self.paged_record_bytes -= u64::from(self.ready[position].location.len);
         true
     }
 
@@ -842,6 +945,7 @@ impl Queue {
         }
         let ready = self.ready.remove(position)?;
         self.paged_count -= 1;
+        self.paged_record_bytes -= u64::from(ready.location.len);
         Some(ready.persistent())
     }
 
@@ -931,12 +1035,13 @@ impl Queue {
             if ready.location.len == 0 || !durable(&ready.location) {
                 break;
             }
-            let slot = ready.slot;
+            let (slot, record_bytes) = (ready.slot, u64::from(ready.location.len));
             if let Some(message) = self.take(slot) {
                 freed += message.size_bytes();
             }
             self.ready[position].slot = PAGED;
             self.paged_count += 1;
+            self.paged_record_bytes += record_bytes;
         }
         freed
     }
@@ -950,7 +1055,12 @@ impl Queue {
         self.thaw_for(id);
         match self.ready_position(id) {
             Some(position) => {
-                self.ready[position].location = location;
+                let ready = &mut self.ready[position];
+                if ready.is_paged() {
+                    self.paged_record_bytes -= u64::from(ready.location.len);
+                    self.paged_record_bytes += u64::from(location.len);
+                }
+                ready.location = location;
                 true
             }
             None => false,
@@ -1064,6 +1174,8 @@ impl Queue {
         self.free = Vec::new();
         self.meter.sub(self.memory_bytes);
         self.memory_bytes = 0;
+        self.body_bytes = 0;
+        self.paged_record_bytes = 0;
         self.paged_count = 0;
         count
     }
@@ -1072,6 +1184,8 @@ impl Queue {
     pub fn check_invariants(&self) {
         let mut previous = None;
         let mut bytes = 0;
+        let mut body_bytes = 0;
+        let mut record_bytes = 0;
         let mut paged = 0;
         let mut in_memory = 0;
         let mut runs = 0;
@@ -1091,6 +1205,7 @@ impl Queue {
                         "id both frozen and unacked"
                     );
                     assert!(entry.location.len != 0, "a frozen message without a record");
+                    record_bytes += u64::from(entry.location.len);
                     previous = Some(entry.id);
                 }
                 assert_eq!(previous, Some(run.last_id()), "a run's last id");
@@ -1110,16 +1225,23 @@ impl Queue {
                     ready.location.len != 0,
                     "a paged message without a location"
                 );
+                record_bytes += u64::from(ready.location.len);
                 paged += 1;
             } else {
                 let message = self.slab[ready.slot as usize]
                     .as_ref()
                     .expect("a ready slot holds its body");
                 bytes += message.size_bytes();
+                body_bytes += message.body().len() as u64;
                 in_memory += 1;
             }
         }
         assert_eq!(bytes, self.memory_bytes, "memory_bytes drifted");
+        assert_eq!(body_bytes, self.body_bytes, "body_bytes drifted");
+        assert_eq!(
+            record_bytes, self.paged_record_bytes,
+            "paged_record_bytes drifted"
+        );
         let held: usize = self.unacked.values().map(|u| u.message.size_bytes()).sum();
         assert_eq!(held, self.unacked_bytes, "unacked_bytes drifted");
         assert_eq!(paged, self.paged_count, "paged_count drifted");
@@ -1185,6 +1307,74 @@ mod tests {
             .iter()
             .map(|d| String::from_utf8_lossy(d.message.body()).into_owned())
             .collect()
+    }
+
+    #[test]
+    fn expired_messages_leave_the_head_instead_of_being_delivered() {
+        let mut queue = Queue::new();
+        for body in ["old", "old", "fresh", "old"] {
+            queue.publish(message(body), None);
+        }
+        let expired = |_: MessageId, m: &Message| m.body().as_ref() == b"old";
+        let mut dropped = Vec::new();
+        let mut out = Vec::new();
+        // No consumer: nothing is looked at.
+        queue.dispatch_expiring(&mut out, expired, &mut dropped);
+        assert!(dropped.is_empty());
+        queue.add_consumer(consumer(1, Credit::Unlimited)).unwrap();
+        queue.dispatch_expiring(&mut out, expired, &mut dropped);
+        // The head's two go; the one behind "fresh" waits its turn at the head, then goes too.
+        assert_eq!(bodies(&out), ["fresh"]);
+        let ids: Vec<MessageId> = dropped.iter().map(|d| d.id).collect();
+        assert_eq!(ids, [0, 1, 3]);
+        assert_eq!(queue.message_count(), 0);
+        assert_eq!(queue.unacked_count(), 1);
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn the_head_is_dropped_a_message_at_a_time_and_rejects_hand_messages_back() {
+        let mut queue = Queue::new();
+        for body in ["a", "b", "c"] {
+            queue.publish(message(body), None);
+        }
+        let mut dropped = Vec::new();
+        assert_eq!(queue.drop_front_while(|_, _| true, &mut dropped, 1), 1);
+        assert_eq!(dropped[0].message.body().as_ref(), b"a");
+        assert_eq!(dropped[0].logged(), None, "no record, nothing to settle");
+        let got = queue.get(CHANNEL, false).unwrap();
+        let mut rejected = Vec::new();
+        assert_eq!(queue.reject(&[got.id, 99], &mut rejected), 1);
+        assert_eq!(rejected[0].message.body().as_ref(), b"b");
+        assert_eq!(queue.unacked_count(), 0);
+        assert_eq!(queue.message_count(), 1);
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn content_bytes_count_bodies_and_paged_records() {
+        let mut queue = Queue::new();
+        let at = |n: u64| Location {
+            segment: 1,
+            len: 100,
+            offset: n * 100,
+        };
+        queue.publish(message("12345"), Some(at(0)));
+        queue.publish(message("123"), Some(at(1)));
+        assert_eq!(queue.content_bytes(), 8);
+        queue.page_out(usize::MAX, 0, |_| true);
+        assert_eq!(queue.content_bytes(), 200, "paged: their records' length");
+        queue.check_invariants();
+        assert!(queue.fill(0, message("12345")));
+        assert_eq!(queue.content_bytes(), 105);
+        let mut dropped = Vec::new();
+        queue.drop_front_while(|_, _| true, &mut dropped, usize::MAX);
+        assert_eq!(dropped.len(), 1, "stops at the paged message");
+        assert_eq!(dropped[0].logged(), Some((0, false)));
+        assert_eq!(queue.content_bytes(), 100);
+        queue.purge(&mut Vec::new());
+        assert_eq!(queue.content_bytes(), 0);
+        queue.check_invariants();
     }
 
     #[test]

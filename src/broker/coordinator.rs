@@ -15,12 +15,12 @@ use log::{debug, warn};
 use shards::ShardId;
 
 use super::messages::{MetaOutcome, MetaRequest, QueueKey, Reply, ShardMessage};
-use super::queue_arguments;
 use super::routing::{
     tables_equivalent, BindingDef, ConnectionRef, Destination, ExchangeDef, MetaOp, QueueDef,
     VhostRouting,
 };
 use super::shard::{internal_error, ShardBroker};
+use super::{queue_arguments, queue_policy};
 use crate::codec::{FieldTable, ReplyCode, ShortStr};
 use crate::connection::error::AmqpError;
 use crate::runtime::sync::Notify;
@@ -339,10 +339,10 @@ impl Coordinator {
                 debug!("queue '{name}' in vhost '{vhost}' placed on {owner}");
                 for (key, _) in arguments.iter() {
                     let key = key.to_str_lossy();
-                    if key.starts_with("x-") && key != "x-queue-type" {
+                    if key.starts_with("x-") && !queue_policy::APPLIED_ARGUMENTS.contains(&&*key) {
                         warn!(
                             "queue '{name}' in vhost '{vhost}': argument '{key}' is accepted \
-                             but not applied (queue arguments are not built yet)"
+                             but not applied"
                         );
                     }
                 }

@@ -206,6 +206,17 @@ pub struct ConfirmTo {
     pub seq: u64,
 }
 
+/// What a client's settle method (or the broker on its behalf) does with deliveries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Settlement {
+    /// basic.ack: done with.
+    Ack,
+    /// Back to the queue, marked redelivered.
+    Requeue,
+    /// basic.reject / basic.nack without requeue: dead-lettered if the queue says so.
+    Reject,
+}
+
 /// One mailbox message.
 #[derive(Debug)]
 pub enum ShardMessage {
@@ -255,13 +266,13 @@ pub enum ShardMessage {
         consumer: ConsumerKey,
         amount: u32,
     },
-    /// Settle delivered messages: ack (drop) or requeue. `queue` is the handle the deliveries
-    /// came with: a queue deleted and declared again since is another queue, which the
-    /// settlement must not touch (its ids start over).
+    /// Settle delivered messages. `queue` is the handle the deliveries came with: a queue
+    /// deleted and declared again since is another queue, which the settlement must not touch
+    /// (its ids start over).
     Settle {
         queue: QueueKey,
         ids: SettledIds,
-        requeue: bool,
+        settlement: Settlement,
     },
     Get {
         token: u64,

@@ -6,8 +6,8 @@
 //! arguments are accepted, as RabbitMQ does; so are the quorum- and stream-only ones (RabbitMQ
 //! refuses those on a classic queue, but shardmq has one kind of queue for every x-queue-type).
 //!
-//! Checking is all this module does: which arguments shardmq applies is the queue's business
-//! (none yet; the coordinator warns about those it accepts without applying).
+//! Checking is all this module does: what the accepted arguments make a queue do is
+//! `queue_policy`'s (the coordinator warns about those it accepts without applying).
 
 use crate::codec::{FieldTable, FieldValue};
 

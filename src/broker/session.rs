@@ -28,8 +28,9 @@ use shards::{Message, ShardId};
 use smallvec::{smallvec, SmallVec};
 
 use super::messages::{
-    ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, SettledIds, ShardMessage,
+    ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, SettledIds, Settlement, ShardMessage,
 };
+use super::queue_policy::parse_expiration;
 use super::routing::{
     BindingDef, ConnectionRef, Destination, ExchangeDef, ExchangeKind, RoutedQueue,
 };
@@ -39,7 +40,7 @@ use crate::codec::{
     BasicPublish, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, DeliverArgs,
     ExchangeBindOk, ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk,
     QueueDeclareOk, QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk,
-    TxRollbackOk, TxSelectOk, HEADERS_FLAG, USER_ID_FLAG,
+    TxRollbackOk, TxSelectOk, EXPIRATION_FLAG, HEADERS_FLAG, USER_ID_FLAG,
 };
 use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
@@ -241,14 +242,6 @@ pub struct Session {
     /// Channels with confirms to send once the shard has handled its current batch of
     /// messages (`ConnectionPort::send_confirms`).
     confirms_due: RefCell<SmallVec<[u16; 2]>>,
-}
-
-/// How one settle method treats the deliveries it names.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Settlement {
-    Ack,
-    Requeue,
-    Drop,
 }
 
 impl Session {
@@ -781,7 +774,7 @@ impl Session {
                         ShardMessage::Settle {
                             queue,
                             ids: smallvec![got.id],
-                            requeue: true,
+                            settlement: Settlement::Requeue,
                         },
                     );
                     return Ok(());
@@ -1025,10 +1018,19 @@ impl Session {
                 Some(false) => {}
             }
         }
-        let user_id = content
+        let checked = content
             .header
-            .properties_if_any(USER_ID_FLAG)
-            .and_then(|p| p.user_id);
+            .properties_if_any(USER_ID_FLAG | EXPIRATION_FLAG);
+        let expiration = checked.as_ref().and_then(|p| p.expiration.as_ref());
+        if let Some(expiration) = expiration {
+            if let Err(reason) = parse_expiration(expiration.as_bytes()) {
+                return Err(AmqpError::channel(
+                    ReplyCode::PreconditionFailed,
+                    format_args!("invalid expiration '{expiration}': {reason}"),
+                ));
+            }
+        }
+        let user_id = checked.and_then(|p| p.user_id);
         if let Some(user_id) = &user_id {
             let machine = self.machine.borrow();
             let user = machine.user().unwrap_or("");
@@ -1202,7 +1204,7 @@ impl Session {
         let settlement = match requeue {
             None => Settlement::Ack,
             Some(true) => Settlement::Requeue,
-            Some(false) => Settlement::Drop,
+            Some(false) => Settlement::Reject,
         };
         let settled: SmallVec<[Unacked; 1]> = self.with_channel(channel, |c| {
             if multiple {
@@ -1269,7 +1271,7 @@ impl Session {
                 ShardMessage::Settle {
                     queue,
                     ids,
-                    requeue,
+                    settlement,
                 },
             );
         }
@@ -1725,7 +1727,7 @@ impl Session {
                     ShardMessage::Settle {
                         queue: delivery.queue,
                         ids: smallvec![delivery.id],
-                        requeue: true,
+                        settlement: Settlement::Requeue,
                     },
                 ),
             }

@@ -20,11 +20,11 @@
 
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use ahash::{HashMap, HashMapExt};
 use log::{debug, warn};
-use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery};
+use shards::queue::{ChannelKey, ConsumeRefusal, ConsumerKey, Delivery, Dropped};
 use shards::{Location, MemoryMeter, MessageId, Queue, ShardId};
 
 use std::path::Path;
@@ -35,9 +35,13 @@ use shards::record::{self, RECORD_HEADER_BYTES};
 use shards::wal::{LoggedIds, LoggedQueue, MessageRecord, Recovery, WalEntry};
 
 use super::coordinator::Coordinator;
-use super::messages::{MetaRequest, PublisherFlow, QueueKey, QueueName, Reply, ShardMessage};
+use super::dead_letter::{self, Reason};
+use super::messages::{
+    MetaRequest, PublisherFlow, QueueKey, QueueName, Reply, Settlement, ShardMessage,
+};
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
+use super::queue_policy::{now_ms, DeadLetterTarget, Expiry, Overflow, QueuePolicy};
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
 use super::storage::{
     after_synced, Appended, CompactionHost, LiveMessage, RetainedSegment, SegmentedWal, Writers,
@@ -141,6 +145,86 @@ struct OwnedQueue {
     auto_delete: bool,
     /// Auto-delete applies once a queue has had a consumer.
     had_consumer: bool,
+    /// What its x-arguments make it do, and its messages' deadlines.
+    policy: QueuePolicy,
+    expiry: Expiry,
+    /// The deadline an expiry timer is armed for.
+    expiry_timer: Option<u64>,
+}
+
+impl OwnedQueue {
+    /// Whether dispatching needs the policy's checks (the usual queue does not).
+    fn is_policed(&self) -> bool {
+        !self.policy.is_plain() || !self.expiry.is_empty()
+    }
+
+    /// `Queue::dispatch` under the queue's policy: messages whose time is up leave the head
+    /// into `expired` (with or without consumers), then a queue past its length limits drops
+    /// from its head into `overflowed`. Returns whether the head must be read back first (it
+    /// is paged out and due to go).
+    fn dispatch_policed(
+        &mut self,
+        deliveries: &mut Vec<Delivery>,
+        expired: &mut Vec<Dropped>,
+        overflowed: &mut Vec<Dropped>,
+    ) -> bool {
+        let now = now_ms();
+        let ttl = self.policy.message_ttl;
+        let expiry = &self.expiry;
+        // A message published this very millisecond still goes to a consumer waiting for it
+        // (so that a TTL of 0 means "now or never", as in RabbitMQ); one left waiting does not.
+        let past = |id: MessageId, message: &shards::Message| {
+            expiry
+                .deadline(id, Some(message), ttl)
+                .is_some_and(|deadline| deadline < now)
+        };
+        self.queue.dispatch_expiring(deliveries, past, expired);
+        for delivery in deliveries.iter().filter(|d| d.no_ack) {
+            self.expiry.forget(delivery.id);
+        }
+        self.drop_expired(now, expired);
+        let over_limit = |queue: &Queue| {
+            self.policy
+                .over_limit(queue.message_count(), queue.content_bytes())
+        };
+        while over_limit(&self.queue) {
+            if self.queue.drop_front_while(|_, _| true, overflowed, 1) == 0 {
+                break;
+            }
+        }
+        for dropped in overflowed.iter() {
+            self.expiry.forget(dropped.id);
+        }
+        let head_due = self
+            .queue
+            .front_id()
+            .and_then(|id| self.expiry.deadline(id, None, ttl))
+            .is_some_and(|deadline| deadline <= now);
+        self.queue.front_is_paged() && (head_due || over_limit(&self.queue))
+    }
+
+    /// Takes the messages at the head whose time is up (`now` or before) into `expired`.
+    fn drop_expired(&mut self, now: u64, expired: &mut Vec<Dropped>) {
+        let ttl = self.policy.message_ttl;
+        let expiry = &self.expiry;
+        let due = |id: MessageId, message: &shards::Message| {
+            expiry
+                .deadline(id, Some(message), ttl)
+                .is_some_and(|deadline| deadline <= now)
+        };
+        let from = expired.len();
+        self.queue.drop_front_while(due, expired, usize::MAX);
+        for dropped in &expired[from..] {
+            self.expiry.forget(dropped.id);
+        }
+    }
+
+    /// When the head of the queue expires, if it has a deadline.
+    fn head_deadline(&self) -> Option<u64> {
+        let id = self.queue.front_id()?;
+        let message = self.queue.front().map(|(_, message)| message);
+        self.expiry.deadline(id, message, self.policy.message_ttl)
+    }
 }
 
 /// Counters of what crossed the mesh, for logs and tests.
@@ -711,6 +795,8 @@ impl ShardBroker {
                 }
                 let mut logged = Writers::new();
                 let mut to_consumed_queue = false;
+                let mut refused = false;
+                let mut refused_letters = Vec::new();
                 for key in queues {
                     {
                         // One lookup: logging the record touches no queue.
@@ -718,6 +804,20 @@ impl ShardBroker {
                         let Some(owned) = queues.get_mut(&key) else {
                             continue;
                         };
+                        let queue = &owned.queue;
+                        if owned.policy.refuses(
+                            queue.message_count(),
+                            queue.content_bytes(),
+                            message.body().len(),
+                        ) {
+                            refused = true;
+                            if owned.policy.overflow == Overflow::RejectPublishDlx {
+                                if let Some(target) = &owned.policy.dead_letter {
+                                    refused_letters.push((owned.key.clone(), target.clone()));
+                                }
+                            }
+                            continue;
+                        }
                         to_consumed_queue |= owned.queue.consumer_count() > 0;
                         let mut location = None;
                         if owned.durable && message.is_persistent() {
@@ -737,9 +837,15 @@ impl ShardBroker {
                                 }
                             }
                         }
-                        owned.queue.publish(message.clone(), location);
+                        let id = owned.queue.publish(message.clone(), location);
+                        owned
+                            .expiry
+                            .published(id, &message, owned.policy.message_ttl, now_ms);
                     }
                     self.dispatch(&key);
+                }
+                for (key, target) in refused_letters {
+                    self.dead_letter(&key, &target, [&message], Reason::MaxLen);
                 }
                 if to_consumed_queue {
                     self.check_drain();
@@ -748,6 +854,7 @@ impl ShardBroker {
                 self.check_flow();
                 if let Some(confirm) = confirm {
                     self.after_logged(logged, move |shard, ok| {
+                        let ok = ok && !refused;
                         shard.post(from, ShardMessage::Confirmed { to: confirm, ok })
                     });
                 }
@@ -862,16 +969,30 @@ impl ShardBroker {
             ShardMessage::Settle {
                 queue,
                 ids,
-                requeue,
+                settlement,
             } => {
                 let mut logged: smallvec::SmallVec<[(MessageId, bool); 4]> =
                     smallvec::SmallVec::new();
+                let mut rejected = Vec::new();
+                let mut target = None;
                 let durable = match self.queues.borrow_mut().get_mut(&queue) {
                     Some(owned) if owned.key.is(&queue) => {
-                        if requeue {
-                            owned.queue.requeue(&ids);
-                        } else {
-                            owned.queue.ack(&ids, &mut logged);
+                        match settlement {
+                            Settlement::Requeue => {
+                                owned.queue.requeue(&ids);
+                            }
+                            Settlement::Reject if owned.policy.dead_letter.is_some() => {
+                                owned.queue.reject(&ids, &mut rejected);
+                                target = owned.policy.dead_letter.clone();
+                            }
+                            Settlement::Ack | Settlement::Reject => {
+                                owned.queue.ack(&ids, &mut logged);
+                            }
+                        }
+                        if settlement != Settlement::Requeue {
+                            for id in &ids {
+                                owned.expiry.forget(*id);
+                            }
                         }
                         owned.durable
                     }
@@ -879,7 +1000,10 @@ impl ShardBroker {
                     _ => false,
                 };
                 self.settle_logged(&queue, durable, &logged);
-                if requeue {
+                if let Some(target) = target {
+                    self.discard(&queue, durable, Some(&target), &rejected, Reason::Rejected);
+                }
+                if settlement == Settlement::Requeue {
                     self.dispatch(&queue);
                 }
             }
@@ -889,6 +1013,15 @@ impl ShardBroker {
                 channel,
                 no_ack,
             } => {
+                // Expired messages leave the head before it is taken.
+                let policed = self
+                    .queues
+                    .borrow()
+                    .get(&queue)
+                    .is_some_and(OwnedQueue::is_policed);
+                if policed {
+                    self.dispatch(&queue);
+                }
                 let paged = self
                     .queues
                     .borrow()
@@ -912,10 +1045,21 @@ impl ShardBroker {
                     .detach();
                     return;
                 }
+                let mut expired = Vec::new();
+                let mut dead_letter = None;
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
-                        let got = owned.queue.get(channel, no_ack);
+                        let mut got = owned.queue.get(channel, no_ack);
+                        if let Some(got) = got.as_mut().filter(|_| owned.is_policed()) {
+                            if no_ack {
+                                owned.expiry.forget(got.id);
+                            }
+                            // What is expired behind it is gone before it is counted.
+                            owned.drop_expired(now_ms(), &mut expired);
+                            got.remaining = owned.queue.message_count();
+                            dead_letter.clone_from(&owned.policy.dead_letter);
+                        }
                         let logged = got
                             .as_ref()
                             .filter(|g| g.logged)
@@ -935,6 +1079,8 @@ impl ShardBroker {
                             });
                         }
                     }
+                    let target = dead_letter.as_ref();
+                    self.discard(&queue, durable, target, &expired, Reason::Expired);
                     got
                 });
                 self.post(
@@ -952,7 +1098,10 @@ impl ShardBroker {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
                         durable = owned.durable;
-                        Ok(owned.queue.purge(&mut logged))
+                        let purged = owned.queue.purge(&mut logged);
+                        let queue = &owned.queue;
+                        owned.expiry.retain(|id| queue.holds_unacked(id));
+                        Ok(purged)
                     }
                 };
                 self.settle_logged(&queue, durable, &logged);
@@ -1038,7 +1187,7 @@ impl ShardBroker {
                         ShardMessage::Settle {
                             queue,
                             ids: smallvec::smallvec![id],
-                            requeue: true,
+                            settlement: Settlement::Requeue,
                         },
                     );
                 }
@@ -1074,12 +1223,36 @@ impl ShardBroker {
         // The queue's own handle, not `key` (which may be a consumer's copy): settlements come
         // back with it.
         let mut handle = None;
+        let mut expired = Vec::new();
+        let mut overflowed = Vec::new();
+        let mut dead_letter = None;
+        let mut expiry_timer = None;
         if let Some(owned) = self.queues.borrow_mut().get_mut(key) {
             handle = Some(owned.key.clone());
-            owned.queue.dispatch(&mut deliveries);
+            if owned.is_policed() {
+                page_in = owned.dispatch_policed(&mut deliveries, &mut expired, &mut overflowed);
+                if !expired.is_empty() || !overflowed.is_empty() {
+                    dead_letter = owned.policy.dead_letter.clone();
+                }
+                let due = owned.head_deadline().filter(|due| *due >= now_ms());
+                if let Some(due) = due.filter(|due| owned.expiry_timer.is_none_or(|t| t > *due)) {
+                    owned.expiry_timer = Some(due);
+                    expiry_timer = Some(due);
+                }
+            } else {
+                owned.queue.dispatch(&mut deliveries);
+            }
             owned.queue.credit_wanted(&mut wants);
-            page_in = owned.queue.paged_count() > 0 && owned.queue.consumer_count() > 0;
+            page_in |= owned.queue.paged_count() > 0 && owned.queue.consumer_count() > 0;
             durable = owned.durable;
+        }
+        if let Some(queue) = &handle {
+            let target = dead_letter.as_ref();
+            self.discard(queue, durable, target, &expired, Reason::Expired);
+            self.discard(queue, durable, target, &overflowed, Reason::MaxLen);
+            if let Some(due) = expiry_timer {
+                self.arm_expiry(queue.clone(), due);
+            }
         }
         // No-ack deliveries left the queue for good: their records are settled now.
         let gone: Vec<(MessageId, bool)> = deliveries
@@ -1118,6 +1291,90 @@ impl ShardBroker {
         // A burst's worth of capacity is kept; a huge one (a backlog handed out) is given back.
         if deliveries.capacity() <= DELIVERIES_KEPT_MAX {
             *self.deliveries.borrow_mut() = deliveries;
+        }
+    }
+
+    /// Dispatches `key` again at `due` (its head's deadline), to expire what is due then.
+    fn arm_expiry(self: &Rc<Self>, key: QueueKey, due: u64) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            // glommio polls a new task at once, and a timer already due may not wait: a
+            // dispatch nested in the caller's would dead-letter ahead of what it dropped.
+            futures_lite::future::yield_now().await;
+            glommio::timer::sleep(Duration::from_millis(due.saturating_sub(now_ms()))).await;
+            if let Some(owned) = shard.queues.borrow_mut().get_mut(&key) {
+                if owned.expiry_timer == Some(due) {
+                    owned.expiry_timer = None;
+                }
+            }
+            shard.dispatch(&key);
+        })
+        .detach();
+    }
+
+    /// Messages that left `queue` undelivered for `reason`: dead-lettered to `target`, if the
+    /// queue has one, and their records settled.
+    fn discard(
+        self: &Rc<Self>,
+        queue: &QueueKey,
+        durable: bool,
+        target: Option<&DeadLetterTarget>,
+        dropped: &[Dropped],
+        reason: Reason,
+    ) {
+        if dropped.is_empty() {
+            return;
+        }
+        if let Some(target) = target {
+            self.dead_letter(queue, target, dropped.iter().map(|d| &d.message), reason);
+        }
+        let logged: Vec<(MessageId, bool)> = dropped.iter().filter_map(Dropped::logged).collect();
+        self.settle_logged(queue, durable, &logged);
+    }
+
+    /// Publishes the letters of `messages`, which died in `queue`, to `target` (routed by this
+    /// shard's copy of the vhost's routing table, as a publish from a connection would be). A
+    /// letter that nothing routes is dropped, as RabbitMQ drops it.
+    fn dead_letter<'a>(
+        self: &Rc<Self>,
+        queue: &QueueKey,
+        target: &DeadLetterTarget,
+        messages: impl IntoIterator<Item = &'a shards::Message>,
+        reason: Reason,
+    ) {
+        let now_secs = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |since| since.as_secs());
+        let mut routed = Vec::new();
+        for message in messages {
+            let Some(letter) = dead_letter::letter(message, &queue.name, reason, target, now_secs)
+            else {
+                warn!(
+                    "{}: queue '{}': a message's properties could not be read; not dead-lettered",
+                    self.id, queue.name
+                );
+                continue;
+            };
+            self.with_routing(&queue.vhost, |routing| {
+                routing.route(
+                    &letter.exchange,
+                    &letter.routing_key,
+                    Some(&letter.headers),
+                    &mut routed,
+                )
+            });
+            routed.retain(|to| !letter.cycles_back_to(&to.key.name));
+            routed.sort_by_key(|to| to.owner.index());
+            for owned_by_one in routed.chunk_by(|a, b| a.owner == b.owner) {
+                self.post(
+                    owned_by_one[0].owner,
+                    ShardMessage::Publish {
+                        queues: owned_by_one.iter().map(|to| to.key.clone()).collect(),
+                        message: letter.message.clone(),
+                        confirm: None,
+                    },
+                );
+            }
         }
     }
 
@@ -1208,6 +1465,11 @@ impl ShardBroker {
                     .get(vhost)
                     .and_then(|routing| routing.queue_key(&def.name).cloned())
                     .unwrap_or_else(|| QueueKey::new(vhost.clone(), def.name.clone()));
+                let policy = QueuePolicy::from_arguments(&def.arguments);
+                if let Some(ttl) = policy.message_ttl {
+                    // Messages restored from the log expire from now: look then.
+                    self.arm_expiry(key.clone(), now_ms().saturating_add(ttl));
+                }
                 self.queues
                     .borrow_mut()
                     .entry(key.clone())
@@ -1217,6 +1479,9 @@ impl ShardBroker {
                         durable: def.durable,
                         auto_delete: def.auto_delete,
                         had_consumer: false,
+                        policy,
+                        expiry: Expiry::new(now_ms()),
+                        expiry_timer: None,
                     });
             }
             MetaOp::DeleteQueue { name } => {

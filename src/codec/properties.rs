@@ -116,6 +116,8 @@ fn end_of_properties(reader: &Reader<'_>) -> Result<(), FrameError> {
 pub const HEADERS_FLAG: u16 = 1 << 13;
 /// The flag of the delivery-mode property (the fourth).
 const DELIVERY_MODE_FLAG: u16 = 1 << 12;
+/// The flag of the expiration property (the eighth).
+pub const EXPIRATION_FLAG: u16 = 1 << 8;
 /// The flag of the user-id property (the twelfth).
 pub const USER_ID_FLAG: u16 = 1 << 4;
 
@@ -172,6 +174,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flags(user_id), USER_ID_FLAG);
+        let expiration = BasicProperties {
+            expiration: Some(ShortStr::from_static("60000")),
+            ..Default::default()
+        };
+        assert_eq!(flags(expiration), EXPIRATION_FLAG);
     }
     use crate::codec::types::FieldValue;
 

@@ -559,13 +559,24 @@ pub async fn lapin_publish(
     routing_key: &str,
     body: &[u8],
 ) -> lapin::PublisherConfirm {
+    lapin_publish_with(channel, exchange, routing_key, body, Default::default()).await
+}
+
+/// `lapin_publish` with `properties`.
+pub async fn lapin_publish_with(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> lapin::PublisherConfirm {
     channel
         .basic_publish(
             exchange.into(),
             routing_key.into(),
             lapin::options::BasicPublishOptions::default(),
             body,
-            lapin::BasicProperties::default(),
+            properties,
         )
         .await
         .expect("publish")

@@ -766,6 +766,228 @@ def queue_argument_max_length_drops_head(o):
     o.get(ch, queue, auto_ack=True)
 
 
+def dead_letters(o, ch, queue, count, label="dead"):
+    """Takes `count` messages off `queue` with basic.get and records each with its headers, the
+    x-death records' times (which differ by when the scenario ran) replaced by whether they are
+    set."""
+    for n in range(count):
+        method, properties, body = ch.basic_get(queue, auto_ack=True)
+        if method is None:
+            o.note(f"{label}{n}", "get-empty")
+            continue
+        headers = dict(properties.headers or {})
+        deaths = [dict(d, time=d.get("time") is not None) for d in headers.pop("x-death", [])]
+        o.note(f"{label}{n}", method.exchange, method.routing_key, method.redelivered, body,
+               properties.expiration, properties.delivery_mode, headers, deaths)
+
+
+def dead_letter_setup(o, ch, arguments, routing_key="#"):
+    """A topic exchange `dlx` with queue `dead` bound to it by `routing_key`, and queue `work`
+    declared with `arguments` (its x-dead-letter-exchange set to `dlx` unless given)."""
+    dlx, dead = o.name("dlx"), o.name("dead")
+    o.call("dlx", lambda: ch.exchange_declare(dlx, exchange_type="topic"))
+    o.call("dead", lambda: ch.queue_declare(dead))
+    o.call("bind", lambda: ch.queue_bind(dead, dlx, routing_key))
+    work = o.name("work")
+    arguments = {"x-dead-letter-exchange": dlx, **arguments}
+    o.call("work", lambda: ch.queue_declare(work, arguments=arguments))
+    return work, dead
+
+
+def reject_next(o, connection, ch, queue):
+    """Gets the next message of `queue` and rejects it without requeue, then lets its dead
+    letter land. Records the body only: a dead letter's headers carry its time."""
+    method, _, body = ch.basic_get(queue)
+    o.note("rejected", body)
+    ch.basic_reject(method.delivery_tag, requeue=False)
+    o.settle(connection, 0.3)
+
+
+@scenario
+def dead_letter_on_reject_and_nack_without_requeue(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {})
+    ch.confirm_delivery()
+    o.publish(ch, b"r", work, properties=props(headers={"app": "kept"}, expiration="60000",
+                                                delivery_mode=2))
+    o.publish(ch, b"n", work)
+    o.publish(ch, b"q", work)
+    first = ch.basic_get(work)[0]
+    ch.basic_reject(first.delivery_tag, requeue=False)
+    second = ch.basic_get(work)[0]
+    ch.basic_nack(second.delivery_tag, requeue=False)
+    third = ch.basic_get(work)[0]
+    ch.basic_reject(third.delivery_tag, requeue=True)
+    o.settle(connection, 0.3)
+    o.passive_counts(work, "work counts")
+    o.passive_counts(dead, "dead counts")
+    dead_letters(o, ch, dead, 2)
+
+
+@scenario
+def dead_letter_routing_key_replaces_the_messages_own(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {"x-dead-letter-routing-key": "retry.later"},
+                                   routing_key="retry.*")
+    o.publish(ch, b"m", work)
+    reject_next(o, connection, ch, work)
+    dead_letters(o, ch, dead, 1)
+
+
+@scenario
+def dead_letter_counts_deaths_per_queue_and_reason(o):
+    # work -> (rejected) -> dlx -> dead, then dead -> (rejected) -> work again, twice round.
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {})
+    back = o.name("back")
+    o.call("back", lambda: ch.exchange_declare(back, exchange_type="fanout"))
+    o.call("rebind", lambda: ch.queue_bind(work, back))
+    o.call("dead again", lambda: ch.queue_delete(dead))
+    o.call("dead'", lambda: ch.queue_declare(dead, arguments={"x-dead-letter-exchange": back}))
+    o.call("bind'", lambda: ch.queue_bind(dead, o.name("dlx"), "#"))
+    o.publish(ch, b"round", work)
+    for queue in (work, dead, work):
+        reject_next(o, connection, ch, queue)
+    dead_letters(o, ch, dead, 1)
+
+
+@scenario
+def message_ttl_expires_into_the_dead_letter_exchange(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {"x-message-ttl": 100})
+    ch.confirm_delivery()
+    for i in range(3):
+        o.publish(ch, f"m{i}".encode(), work, properties=props(expiration="50000"))
+    o.settle(connection, 0.5)
+    o.passive_counts(work, "work counts")
+    dead_letters(o, ch, dead, 3)
+
+
+@scenario
+def per_message_expiration_and_the_head(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {})
+    ch.confirm_delivery()
+    # Expires at once: nobody is consuming.
+    o.publish(ch, b"now", work, properties=props(expiration="0"))
+    # Lives long, and keeps the short-lived one behind it in the queue past its time.
+    o.publish(ch, b"long", work, properties=props(expiration="60000"))
+    o.publish(ch, b"short", work, properties=props(expiration="50"))
+    o.settle(connection, 0.4)
+    o.passive_counts(work, "work counts")
+    dead_letters(o, ch, dead, 1)
+    o.get(ch, work, auto_ack=True)
+    # Now at the head and long expired: never delivered.
+    o.get(ch, work, auto_ack=True)
+    o.settle(connection, 0.2)
+    dead_letters(o, ch, dead, 1, label="later")
+
+
+@scenario
+def message_ttl_zero_reaches_only_a_waiting_consumer(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-message-ttl": 0})
+    ch.confirm_delivery()
+    o.publish(ch, b"nobody waits", queue)
+    o.passive_counts(queue, "counts")
+    consumer = connection.channel()
+    received = []
+    consumer.basic_consume(queue, lambda c, m, p, b: received.append(b), auto_ack=True)
+    o.publish(ch, b"delivered", queue)
+    o.settle(connection, 0.3)
+    o.note("received", received)
+
+
+@scenario
+def max_length_drop_head_dead_letters_the_oldest(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {"x-max-length": 2})
+    ch.confirm_delivery()
+    for i in range(5):
+        o.publish(ch, f"m{i}".encode(), work)
+    o.settle(connection, 0.3)
+    o.passive_counts(work, "work counts")
+    dead_letters(o, ch, dead, 3)
+    o.get(ch, work, auto_ack=True)
+
+
+@scenario
+def max_length_bytes_counts_bodies(o):
+    ch = o.channel()
+    queue = declare(o, ch, arguments={"x-max-length-bytes": 10})
+    ch.confirm_delivery()
+    for body in (b"aaaa", b"bbbb", b"cccc", b"dd"):
+        o.publish(ch, body, queue)
+    o.passive_counts(queue)
+    for n in range(3):
+        o.get(ch, queue, label=f"get{n}", auto_ack=True)
+
+
+@scenario
+def max_length_reject_publish_nacks_the_publisher(o):
+    ch = o.channel()
+    queue = declare(o, ch, arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
+    ch.confirm_delivery()
+    for i in range(4):
+        o.publish(ch, f"m{i}".encode(), queue, label=f"publish{i}")
+    o.passive_counts(queue)
+    o.get(ch, queue, auto_ack=True)
+    o.publish(ch, b"room again", queue, label="after a get")
+    o.passive_counts(queue, "counts after")
+
+
+@scenario
+def max_length_reject_publish_dlx_dead_letters_the_refused(o):
+    connection = o.connect()
+    ch = connection.channel()
+    work, dead = dead_letter_setup(o, ch, {"x-max-length": 1, "x-overflow": "reject-publish-dlx"})
+    ch.confirm_delivery()
+    for i in range(3):
+        o.publish(ch, f"m{i}".encode(), work, label=f"publish{i}")
+    o.settle(connection, 0.3)
+    dead_letters(o, ch, dead, 2)
+
+
+@scenario
+def dead_letter_loop_of_expiries_is_cut(o):
+    # A queue dead-lettering its expired messages back to itself: RabbitMQ drops them.
+    connection = o.connect()
+    ch = connection.channel()
+    queue = o.name("loop")
+    o.call("declare", lambda: ch.queue_declare(queue, arguments={
+        "x-message-ttl": 50, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": queue}))
+    ch.confirm_delivery()
+    o.publish(ch, b"round and round", queue)
+    o.settle(connection, 0.5)
+    o.passive_counts(queue)
+
+
+@scenario
+def dead_letter_exchange_missing_drops_the_letter(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-dead-letter-exchange": o.name("nowhere")})
+    o.publish(ch, b"m", queue)
+    reject_next(o, connection, ch, queue)
+    o.passive_counts(queue)
+
+
+@scenario
+def invalid_expiration_is_406(o):
+    for n, expiration in enumerate(("soon", "-1", "10s", "", "+5")):
+        ch = o.channel()
+        queue = declare(o, ch, f"q{n}")
+        ch.confirm_delivery()
+        o.publish(ch, b"m", queue, label=f"publish{n}", properties=props(expiration=expiration))
+
+
 @scenario
 def queue_argument_invalid_ttl_is_406(o):
     ch = o.channel()

@@ -1,0 +1,464 @@
+//! Queue arguments applied, through lapin: dead-letter exchanges (reject, nack, expiry,
+//! overflow) with RabbitMQ's x-death headers, message TTL per queue and per message, and length
+//! limits with each overflow mode; across two shards (balanced placement), through paging, and
+//! across a restart.
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{drain_no_ack, lapin_channel, lapin_publish_with, Broker, BALANCED, BALANCED_PAGING};
+use futures_lite::StreamExt;
+use lapin::options::{
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
+    ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
+};
+use lapin::types::{AMQPValue, FieldTable, ShortString};
+use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn arguments(entries: &[(&str, AMQPValue)]) -> FieldTable {
+    let mut table = FieldTable::default();
+    for (name, value) in entries {
+        table.insert(ShortString::from(*name), value.clone());
+    }
+    table
+}
+
+fn text(s: &str) -> AMQPValue {
+    AMQPValue::LongString(s.into())
+}
+
+async fn declare(channel: &Channel, name: &str, durable: bool, args: &[(&str, AMQPValue)]) {
+    channel
+        .queue_declare(
+            name.into(),
+            QueueDeclareOptions {
+                durable,
+                ..QueueDeclareOptions::default()
+            },
+            arguments(args),
+        )
+        .await
+        .expect("queue.declare");
+}
+
+async fn publish(
+    channel: &Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: BasicProperties,
+) -> Confirmation {
+    lapin_publish_with(channel, exchange, routing_key, body, properties)
+        .await
+        .await
+        .expect("confirmation")
+}
+
+async fn confirming_channel(broker: &Broker) -> (lapin::Connection, Channel) {
+    let (connection, channel) = lapin_channel(broker).await;
+    channel
+        .confirm_select(ConfirmSelectOptions::default())
+        .await
+        .expect("confirm.select");
+    (connection, channel)
+}
+
+async fn message_count(channel: &Channel, queue: &str) -> u32 {
+    channel
+        .queue_declare(
+            queue.into(),
+            QueueDeclareOptions {
+                passive: true,
+                ..QueueDeclareOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("passive declare")
+        .message_count()
+}
+
+/// Waits until `queue` holds `count` ready messages.
+async fn wait_for_count(channel: &Channel, queue: &str, count: u32) {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let now = message_count(channel, queue).await;
+        if now == count {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue '{queue}' holds {now} messages, not {count}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The x-death records of a delivery's headers, each as (queue, reason, count, exchange,
+/// routing keys).
+fn deaths(properties: &BasicProperties) -> Vec<(String, String, i64, String, Vec<String>)> {
+    let headers = properties.headers().clone().unwrap_or_default();
+    let Some(AMQPValue::FieldArray(records)) = headers.inner().get("x-death") else {
+        return Vec::new();
+    };
+    let string = |table: &FieldTable, field: &str| match table.inner().get(field) {
+        Some(AMQPValue::LongString(s)) => s.to_string(),
+        other => panic!("x-death field {field}: {other:?}"),
+    };
+    records
+        .as_slice()
+        .iter()
+        .map(|record| {
+            let AMQPValue::FieldTable(table) = record else {
+                panic!("an x-death record that is not a table: {record:?}");
+            };
+            let count = match table.inner().get("count") {
+                Some(AMQPValue::LongLongInt(n)) => *n,
+                other => panic!("count: {other:?}"),
+            };
+            let keys = match table.inner().get("routing-keys") {
+                Some(AMQPValue::FieldArray(keys)) => keys
+                    .as_slice()
+                    .iter()
+                    .map(|k| match k {
+                        AMQPValue::LongString(s) => s.to_string(),
+                        other => panic!("routing key {other:?}"),
+                    })
+                    .collect(),
+                other => panic!("routing-keys: {other:?}"),
+            };
+            assert!(
+                matches!(table.inner().get("time"), Some(AMQPValue::Timestamp(t)) if *t > 0),
+                "a death has its time"
+            );
+            (
+                string(table, "queue"),
+                string(table, "reason"),
+                count,
+                string(table, "exchange"),
+                keys,
+            )
+        })
+        .collect()
+}
+
+#[tokio::test]
+async fn a_rejected_job_comes_back_through_a_ttl_retry_queue_with_its_deaths() {
+    // work --(rejected)--> retry-x --> retry (TTL 300 ms) --(expired)--> "" / "work" --> work
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = lapin_channel(&broker).await;
+    channel
+        .exchange_declare(
+            "retry-x".into(),
+            ExchangeKind::Fanout,
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("exchange.declare");
+    declare(
+        &channel,
+        "work",
+        false,
+        &[("x-dead-letter-exchange", text("retry-x"))],
+    )
+    .await;
+    declare(
+        &channel,
+        "retry",
+        false,
+        &[
+            ("x-message-ttl", AMQPValue::LongInt(300)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("work")),
+        ],
+    )
+    .await;
+    channel
+        .queue_bind(
+            "retry".into(),
+            "retry-x".into(),
+            "".into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("queue.bind");
+    let mut consumer = channel
+        .basic_consume(
+            "work".into(),
+            "worker".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("basic.consume");
+    let properties = BasicProperties::default().with_headers(arguments(&[("job", text("7"))]));
+    publish(&channel, "", "work", b"job", properties).await;
+
+    let first = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("the job in time")
+        .expect("a delivery")
+        .expect("delivery ok");
+    assert!(deaths(&first.properties).is_empty());
+    first
+        .reject(BasicRejectOptions { requeue: false })
+        .await
+        .expect("reject");
+    let rejected_at = Instant::now();
+
+    let again = tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .expect("the job back in time")
+        .expect("a delivery")
+        .expect("delivery ok");
+    let waited = rejected_at.elapsed();
+    assert!(
+        waited >= Duration::from_millis(250),
+        "it waited out the retry queue's TTL: {waited:?}"
+    );
+    assert_eq!(again.data, b"job");
+    assert!(!again.redelivered, "a dead letter is a new message");
+    assert_eq!(again.exchange.as_str(), "");
+    assert_eq!(again.routing_key.as_str(), "work");
+    let headers = again.properties.headers().clone().unwrap_or_default();
+    assert_eq!(
+        headers.inner().get("job"),
+        Some(&text("7")),
+        "its own header kept"
+    );
+    assert_eq!(
+        headers.inner().get("x-first-death-reason"),
+        Some(&text("rejected"))
+    );
+    assert_eq!(
+        deaths(&again.properties),
+        [
+            (
+                "retry".into(),
+                "expired".into(),
+                1,
+                "retry-x".into(),
+                vec!["work".to_string()]
+            ),
+            (
+                "work".into(),
+                "rejected".into(),
+                1,
+                "".into(),
+                vec!["work".to_string()]
+            ),
+        ]
+    );
+    again.ack(BasicAckOptions::default()).await.expect("ack");
+    assert_eq!(message_count(&channel, "retry").await, 0);
+    assert_eq!(message_count(&channel, "work").await, 0);
+}
+
+#[tokio::test]
+async fn length_limits_drop_the_oldest_or_refuse_the_newest() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(&channel, "dead", false, &[]).await;
+    declare(
+        &channel,
+        "newest",
+        false,
+        &[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("dead")),
+        ],
+    )
+    .await;
+    declare(
+        &channel,
+        "oldest",
+        false,
+        &[
+            ("x-max-length", AMQPValue::LongInt(2)),
+            ("x-overflow", text("reject-publish")),
+        ],
+    )
+    .await;
+    declare(
+        &channel,
+        "small",
+        false,
+        &[("x-max-length-bytes", AMQPValue::LongInt(10))],
+    )
+    .await;
+    for i in 0..5 {
+        let body = format!("m{i}");
+        let newest = publish(&channel, "", "newest", body.as_bytes(), Default::default()).await;
+        assert!(newest.is_ack(), "drop-head takes every message");
+        let oldest = publish(&channel, "", "oldest", body.as_bytes(), Default::default()).await;
+        assert_eq!(
+            oldest.is_nack(),
+            i >= 2,
+            "reject-publish refuses once full: message {i}"
+        );
+    }
+    for body in ["aaaa", "bbbb", "cccc", "dd"] {
+        publish(&channel, "", "small", body.as_bytes(), Default::default()).await;
+    }
+    let bodies = |messages: Vec<(Vec<u8>, bool)>| -> Vec<String> {
+        messages
+            .into_iter()
+            .map(|(body, _)| String::from_utf8(body).unwrap())
+            .collect()
+    };
+    assert_eq!(bodies(drain_no_ack(&broker, "newest").await), ["m3", "m4"]);
+    assert_eq!(bodies(drain_no_ack(&broker, "oldest").await), ["m0", "m1"]);
+    assert_eq!(
+        bodies(drain_no_ack(&broker, "small").await),
+        ["bbbb", "cccc", "dd"]
+    );
+    wait_for_count(&channel, "dead", 3).await;
+    assert_eq!(
+        bodies(drain_no_ack(&broker, "dead").await),
+        ["m0", "m1", "m2"]
+    );
+}
+
+#[tokio::test]
+async fn per_message_expiration_and_invalid_expirations() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(&channel, "q", false, &[]).await;
+    let expiring = |ms: &str| BasicProperties::default().with_expiration(ms.into());
+    publish(&channel, "", "q", b"gone", expiring("0")).await;
+    publish(&channel, "", "q", b"kept", expiring("60000")).await;
+    publish(&channel, "", "q", b"soon gone", expiring("100")).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let got = channel
+        .basic_get("q".into(), BasicGetOptions { no_ack: true })
+        .await
+        .expect("basic.get")
+        .expect("a message");
+    assert_eq!(got.delivery.data, b"kept");
+    assert_eq!(
+        got.message_count, 0,
+        "the expired one behind it went once it reached the head"
+    );
+    assert_eq!(message_count(&channel, "q").await, 0);
+
+    // RabbitMQ refuses a publish whose expiration is not a number, on the channel.
+    let result = channel
+        .basic_publish(
+            "".into(),
+            "q".into(),
+            BasicPublishOptions::default(),
+            b"bad",
+            expiring("soon"),
+        )
+        .await;
+    let closed = match result {
+        Err(error) => error,
+        Ok(confirm) => confirm.await.expect_err("the channel is closed"),
+    };
+    let text = closed.to_string();
+    assert!(
+        text.contains("406") || text.contains("PRECONDITION_FAILED"),
+        "{text}"
+    );
+    assert!(
+        text.contains("invalid expiration 'soon': no_integer"),
+        "{text}"
+    );
+    let (_connection, other) = lapin_channel(&broker).await;
+    assert_eq!(message_count(&other, "q").await, 0, "the broker serves on");
+}
+
+#[tokio::test]
+async fn a_paged_backlog_expires_in_order_into_its_dead_letter_queue() {
+    // A memory budget of a few messages: the backlog is paged out, and each expiring head is
+    // read back to be dead-lettered.
+    let broker = Broker::start_with_config(BALANCED_PAGING);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(&channel, "dead", true, &[]).await;
+    declare(
+        &channel,
+        "delay",
+        true,
+        &[
+            ("x-message-ttl", AMQPValue::LongInt(500)),
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("dead")),
+        ],
+    )
+    .await;
+    let body = |i: usize| format!("{i:04}{}", "x".repeat(1020));
+    let persistent = BasicProperties::default().with_delivery_mode(2);
+    for i in 0..300 {
+        let confirm = publish(
+            &channel,
+            "",
+            "delay",
+            body(i).as_bytes(),
+            persistent.clone(),
+        )
+        .await;
+        assert!(confirm.is_ack());
+    }
+    wait_for_count(&channel, "dead", 300).await;
+    assert_eq!(message_count(&channel, "delay").await, 0);
+    let letters = drain_no_ack(&broker, "dead").await;
+    assert_eq!(letters.len(), 300);
+    for (i, (letter, _)) in letters.iter().enumerate() {
+        assert_eq!(
+            String::from_utf8_lossy(&letter[..4]),
+            format!("{i:04}"),
+            "in order"
+        );
+        assert_eq!(letter, body(i).as_bytes());
+    }
+}
+
+#[tokio::test]
+async fn dead_letters_and_ttls_survive_a_restart() {
+    let broker = Broker::start_with_config(BALANCED);
+    {
+        let (_connection, channel) = confirming_channel(&broker).await;
+        declare(&channel, "ready", true, &[]).await;
+        let to_ready = [
+            ("x-dead-letter-exchange", text("")),
+            ("x-dead-letter-routing-key", text("ready")),
+        ];
+        declare(&channel, "work", true, &to_ready).await;
+        let mut delayed = to_ready.to_vec();
+        delayed.push(("x-message-ttl", AMQPValue::LongInt(1_000)));
+        declare(&channel, "delay", true, &delayed).await;
+        let persistent = BasicProperties::default().with_delivery_mode(2);
+        publish(&channel, "", "work", b"rejected", persistent.clone()).await;
+        publish(&channel, "", "delay", b"delayed", persistent).await;
+        let got = channel
+            .basic_get("work".into(), BasicGetOptions { no_ack: false })
+            .await
+            .expect("basic.get")
+            .expect("a message");
+        got.delivery
+            .reject(BasicRejectOptions { requeue: false })
+            .await
+            .expect("reject");
+        wait_for_count(&channel, "ready", 1).await;
+    }
+    let broker = broker.stop(libc::SIGTERM).restart();
+    let (_connection, channel) = lapin_channel(&broker).await;
+    let restarted = Instant::now();
+    // The TTL counts again from the restart (publish times are not logged).
+    wait_for_count(&channel, "ready", 2).await;
+    assert_eq!(message_count(&channel, "delay").await, 0);
+    assert!(restarted.elapsed() < WAIT);
+    let mut letters: Vec<Vec<u8>> = drain_no_ack(&broker, "ready")
+        .await
+        .into_iter()
+        .map(|(body, _)| body)
+        .collect();
+    letters.sort();
+    assert_eq!(letters, [b"delayed".to_vec(), b"rejected".to_vec()]);
+}
