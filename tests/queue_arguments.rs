@@ -1,7 +1,7 @@
 //! Queue arguments applied, through lapin: dead-letter exchanges (reject, nack, expiry,
-//! overflow) with RabbitMQ's x-death headers, message TTL per queue and per message, and length
-//! limits with each overflow mode; across two shards (balanced placement), through paging, and
-//! across a restart.
+//! overflow) with RabbitMQ's x-death headers, message TTL per queue and per message, length
+//! limits with each overflow mode, queue expiry and single active consumer; across two shards
+//! (balanced placement), through paging, and across a restart.
 
 mod common;
 
@@ -66,7 +66,7 @@ async fn confirming_channel(broker: &Broker) -> (lapin::Connection, Channel) {
     (connection, channel)
 }
 
-async fn message_count(channel: &Channel, queue: &str) -> u32 {
+async fn passive_declare(channel: &Channel, queue: &str) -> lapin::Result<lapin::Queue> {
     channel
         .queue_declare(
             queue.into(),
@@ -76,6 +76,11 @@ async fn message_count(channel: &Channel, queue: &str) -> u32 {
             },
             FieldTable::default(),
         )
+        .await
+}
+
+async fn message_count(channel: &Channel, queue: &str) -> u32 {
+    passive_declare(channel, queue)
         .await
         .expect("passive declare")
         .message_count()
@@ -461,4 +466,125 @@ async fn dead_letters_and_ttls_survive_a_restart() {
         .collect();
     letters.sort();
     assert_eq!(letters, [b"delayed".to_vec(), b"rejected".to_vec()]);
+}
+
+#[tokio::test]
+async fn an_unused_queue_expires_and_stays_gone_after_a_restart() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = lapin_channel(&broker).await;
+    declare(
+        &channel,
+        "lease",
+        true,
+        &[("x-expires", AMQPValue::LongInt(300))],
+    )
+    .await;
+    let declared = Instant::now();
+    let deadline = declared + WAIT;
+    let gone = loop {
+        // A fresh channel each time: a passive declare of a missing queue closes its channel
+        // (and renews the lease of one still there, as in RabbitMQ).
+        let (_c, probe) = lapin_channel(&broker).await;
+        if let Err(error) = passive_declare(&probe, "lease").await {
+            break error.to_string();
+        }
+        assert!(Instant::now() < deadline, "the queue never expired");
+        tokio::time::sleep(Duration::from_millis(400)).await;
+    };
+    assert!(gone.contains("404") || gone.contains("NOT_FOUND"), "{gone}");
+    assert!(declared.elapsed() >= Duration::from_millis(300));
+    drop(channel);
+    let broker = broker.stop(libc::SIGTERM).restart();
+    let (_connection, channel) = lapin_channel(&broker).await;
+    assert!(
+        passive_declare(&channel, "lease").await.is_err(),
+        "the expired queue stays deleted"
+    );
+}
+
+#[tokio::test]
+async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(
+        &channel,
+        "sac",
+        false,
+        &[("x-single-active-consumer", AMQPValue::Boolean(true))],
+    )
+    .await;
+    let (first_connection, first_channel) = lapin_channel(&broker).await;
+    let mut first = first_channel
+        .basic_consume(
+            "sac".into(),
+            "first".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("first consume");
+    let (_second_connection, second_channel) = lapin_channel(&broker).await;
+    let mut second = second_channel
+        .basic_consume(
+            "sac".into(),
+            "second".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("second consume");
+    for i in 0..4 {
+        publish(
+            &channel,
+            "",
+            "sac",
+            format!("m{i}").as_bytes(),
+            Default::default(),
+        )
+        .await;
+    }
+    for i in 0..4 {
+        let delivery = tokio::time::timeout(WAIT, first.next())
+            .await
+            .expect("the active consumer gets it")
+            .expect("a delivery")
+            .expect("delivery ok");
+        assert_eq!(delivery.data, format!("m{i}").as_bytes());
+        if i < 2 {
+            delivery.ack(BasicAckOptions::default()).await.expect("ack");
+        }
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), second.next())
+            .await
+            .is_err(),
+        "the waiting consumer gets nothing"
+    );
+    // The active one goes with two unacked: they and what comes next go to the other.
+    first_connection
+        .close(200, "bye".into())
+        .await
+        .expect("close");
+    publish(&channel, "", "sac", b"m4", Default::default()).await;
+    let mut taken_over = Vec::new();
+    while taken_over.len() < 3 {
+        let delivery = tokio::time::timeout(WAIT, second.next())
+            .await
+            .expect("the next consumer takes over")
+            .expect("a delivery")
+            .expect("delivery ok");
+        taken_over.push((
+            String::from_utf8(delivery.data.clone()).unwrap(),
+            delivery.redelivered,
+        ));
+        delivery.ack(BasicAckOptions::default()).await.expect("ack");
+    }
+    assert_eq!(
+        taken_over,
+        [
+            ("m2".to_string(), true),
+            ("m3".to_string(), true),
+            ("m4".to_string(), false)
+        ]
+    );
 }

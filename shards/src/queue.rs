@@ -320,6 +320,9 @@ pub struct Queue {
     consumers: Vec<Consumer>,
     /// Index in `consumers` to try first on the next dispatch (round-robin).
     cursor: usize,
+    /// Only the first consumer receives messages (x-single-active-consumer); the next takes
+    /// over when it leaves.
+    single_active: bool,
     next_id: MessageId,
 }
 
@@ -333,6 +336,12 @@ impl Queue {
         let mut queue = Queue::default();
         queue.meter = meter;
         queue
+    }
+
+    /// Delivers to one consumer at a time, the longest registered (RabbitMQ's single active
+    /// consumer), instead of round-robin.
+    pub fn set_single_active(&mut self, single_active: bool) {
+        self.single_active = single_active;
     }
 
     /// The id the next published message gets (it is logged under that id before it is
@@ -572,7 +581,13 @@ impl Queue {
             if self.ready.is_empty() || self.front_is_paged() {
                 return;
             }
-            let count = self.consumers.len();
+            // One active consumer: the others (registered later) wait for it to leave.
+            let count = if self.single_active {
+                self.cursor = 0;
+                1
+            } else {
+                self.consumers.len()
+            };
             let Some(offset) = (0..count).find(|offset| {
                 self.consumers[(self.cursor + offset) % count]
                     .credit
@@ -1329,6 +1344,28 @@ mod tests {
         assert_eq!(ids, [0, 1, 3]);
         assert_eq!(queue.message_count(), 0);
         assert_eq!(queue.unacked_count(), 1);
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn a_single_active_consumer_takes_everything_until_it_leaves() {
+        let mut queue = Queue::new();
+        queue.set_single_active(true);
+        queue.add_consumer(consumer(1, Credit::Limited(2))).unwrap();
+        queue.add_consumer(consumer(2, Credit::Unlimited)).unwrap();
+        for body in ["a", "b", "c"] {
+            queue.publish(message(body), None);
+        }
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        // The first consumer's credit runs out; the second still waits.
+        assert_eq!(bodies(&out), ["a", "b"]);
+        assert!(out.iter().all(|d| d.consumer.consumer == 1));
+        queue.remove_consumer(consumer(1, Credit::Unlimited).key);
+        out.clear();
+        queue.dispatch(&mut out);
+        assert_eq!(bodies(&out), ["c"]);
+        assert_eq!(out[0].consumer.consumer, 2);
         queue.check_invariants();
     }
 

@@ -373,7 +373,7 @@ impl Coordinator {
                     .await?;
                 Ok(MetaOutcome::Deleted { message_count })
             }
-            MetaRequest::AutoDeleteQueue { name } => {
+            MetaRequest::DeleteUnusedQueue { name } => {
                 if let Some(def) = shard
                     .with_routing(vhost, |r| r.queue(name).cloned())
                     .flatten()

@@ -157,8 +157,9 @@ pub enum MetaRequest {
         if_unused: bool,
         if_empty: bool,
     },
-    /// An auto-delete queue lost its last consumer (sent by the owning shard).
-    AutoDeleteQueue {
+    /// Delete the queue if it has no consumers (sent by the owning shard): an auto-delete
+    /// queue lost its last consumer, or an x-expires queue went unused for that long.
+    DeleteUnusedQueue {
         name: ShortStr,
     },
     /// A connection ended: its exclusive queues go.

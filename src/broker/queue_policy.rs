@@ -1,7 +1,10 @@
 //! What a queue's x-arguments make its owning shard do once `queue_arguments` has accepted
 //! them: message TTL (x-message-ttl, and each message's expiration property), length limits
 //! (x-max-length, x-max-length-bytes, with x-overflow) and dead-lettering
-//! (x-dead-letter-exchange, x-dead-letter-routing-key; the letter itself is `dead_letter`'s).
+//! (x-dead-letter-exchange, x-dead-letter-routing-key; the letter itself is `dead_letter`'s);
+//! queue expiry (x-expires: the owning shard asks the coordinator to delete a queue unused for
+//! that long); and x-single-active-consumer, which `shards::Queue` applies when it picks a
+//! consumer.
 //!
 //! As in RabbitMQ's classic queues:
 //! - a message expires only at the head of its queue: one behind a message that lives longer
@@ -27,12 +30,14 @@ use crate::codec::{BasicProperties, FieldTable, FieldValue, ShortStr, EXPIRATION
 /// x-queue-type and x-queue-mode name kinds of queue shardmq does not tell apart: every queue
 /// pages its backlog out as a lazy one would.
 pub const APPLIED_ARGUMENTS: &[&str] = &[
+    "x-expires",
     "x-message-ttl",
     "x-max-length",
     "x-max-length-bytes",
     "x-overflow",
     "x-dead-letter-exchange",
     "x-dead-letter-routing-key",
+    "x-single-active-consumer",
     "x-queue-type",
     "x-queue-mode",
 ];
@@ -62,6 +67,11 @@ pub struct QueuePolicy {
     pub max_length_bytes: Option<u64>,
     pub overflow: Overflow,
     pub dead_letter: Option<DeadLetterTarget>,
+    /// x-single-active-consumer (the queue itself applies it).
+    pub single_active_consumer: bool,
+    /// Milliseconds unused (no consumers, no basic.get, no declare) before the queue is
+    /// deleted (x-expires).
+    pub expires: Option<u64>,
 }
 
 impl QueuePolicy {
@@ -92,6 +102,11 @@ impl QueuePolicy {
                 exchange,
                 routing_key: text("x-dead-letter-routing-key"),
             }),
+            expires: count("x-expires").filter(|ms| *ms > 0),
+            single_active_consumer: arguments
+                .get("x-single-active-consumer")
+                .and_then(FieldValue::as_bool)
+                .unwrap_or(false),
         }
     }
 
@@ -277,6 +292,8 @@ mod tests {
             ("x-overflow", text("reject-publish-dlx")),
             ("x-dead-letter-exchange", text("dlx")),
             ("x-dead-letter-routing-key", text("dead")),
+            ("x-single-active-consumer", FieldValue::Bool(true)),
+            ("x-expires", FieldValue::U32(60_000)),
         ]));
         assert_eq!(policy.message_ttl, Some(1500));
         assert_eq!(policy.max_length, Some(3));
@@ -284,6 +301,8 @@ mod tests {
         let target = policy.dead_letter.clone().unwrap();
         assert_eq!(target.exchange.as_bytes(), b"dlx");
         assert_eq!(target.routing_key.unwrap().as_bytes(), b"dead");
+        assert!(policy.single_active_consumer);
+        assert_eq!(policy.expires, Some(60_000));
         assert!(!policy.is_plain());
         assert!(QueuePolicy::from_arguments(&FieldTable::new()).is_plain());
     }

@@ -150,6 +150,9 @@ struct OwnedQueue {
     expiry: Expiry,
     /// The deadline an expiry timer is armed for.
     expiry_timer: Option<u64>,
+    /// When it was last used (declared, read by basic.get, or left by its last consumer), on
+    /// `now_ms`'s clock: an x-expires queue expires that long after.
+    last_used: u64,
 }
 
 impl OwnedQueue {
@@ -1050,6 +1053,7 @@ impl ShardBroker {
                 let result = match self.queues.borrow_mut().get_mut(&queue) {
                     None => Err(no_queue(&queue)),
                     Some(owned) => {
+                        owned.last_used = now_ms();
                         let mut got = owned.queue.get(channel, no_ack);
                         if let Some(got) = got.as_mut().filter(|_| owned.is_policed()) {
                             if no_ack {
@@ -1114,11 +1118,11 @@ impl ShardBroker {
                 );
             }
             ShardMessage::Stats { token, queue } => {
-                let stats = self
-                    .queues
-                    .borrow()
-                    .get(&queue)
-                    .map(|owned| (owned.queue.message_count(), owned.queue.consumer_count()));
+                // A declare (passive or not) asks: it renews an x-expires queue's lease.
+                let stats = self.queues.borrow_mut().get_mut(&queue).map(|owned| {
+                    owned.last_used = now_ms();
+                    (owned.queue.message_count(), owned.queue.consumer_count())
+                });
                 self.post(
                     from,
                     ShardMessage::Reply {
@@ -1379,29 +1383,73 @@ impl ShardBroker {
     }
 
     fn after_consumer_removed(self: &Rc<Self>, key: &QueueKey) {
-        let unused_auto_delete = self.queues.borrow().get(key).is_some_and(|owned| {
-            owned.auto_delete && owned.had_consumer && owned.queue.consumer_count() == 0
-        });
+        let unused_auto_delete = match self.queues.borrow_mut().get_mut(key) {
+            Some(owned) if owned.queue.consumer_count() == 0 => {
+                owned.last_used = now_ms();
+                owned.auto_delete && owned.had_consumer
+            }
+            _ => false,
+        };
         if unused_auto_delete {
             debug!(
                 "{}: auto-delete queue '{}' lost its last consumer",
                 self.id, key.name
             );
-            self.post(
-                COORDINATOR,
-                ShardMessage::Meta {
-                    token: 0,
-                    vhost: key.vhost.clone(),
-                    requester: ConnectionRef {
-                        shard: self.id,
-                        connection: u64::MAX,
-                    },
-                    request: Box::new(MetaRequest::AutoDeleteQueue {
-                        name: key.name.clone(),
-                    }),
-                },
-            );
+            self.delete_if_unused(key);
         }
+    }
+
+    /// Asks the coordinator to delete `key` unless it has consumers by then.
+    fn delete_if_unused(self: &Rc<Self>, key: &QueueKey) {
+        self.post(
+            COORDINATOR,
+            ShardMessage::Meta {
+                token: 0,
+                vhost: key.vhost.clone(),
+                requester: ConnectionRef {
+                    shard: self.id,
+                    connection: u64::MAX,
+                },
+                request: Box::new(MetaRequest::DeleteUnusedQueue {
+                    name: key.name.clone(),
+                }),
+            },
+        );
+    }
+
+    /// Deletes the queue `key` names once it has gone unused for `expires` ms (x-expires),
+    /// looking again whenever it might have.
+    fn watch_lease(self: &Rc<Self>, key: QueueKey, expires: u64) {
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let mut wait = expires;
+            loop {
+                glommio::timer::sleep(Duration::from_millis(wait.max(1))).await;
+                let lease = shard
+                    .queues
+                    .borrow()
+                    .get(&key)
+                    .filter(|owned| owned.key.is(&key))
+                    .map(|owned| (owned.queue.consumer_count(), owned.last_used));
+                // Gone, or deleted and declared again (which watches its own lease).
+                let Some((consumers, last_used)) = lease else {
+                    return;
+                };
+                let idle_until = last_used.saturating_add(expires);
+                let now = now_ms();
+                wait = if consumers > 0 {
+                    expires
+                } else if now >= idle_until {
+                    debug!("{}: queue '{}' expired unused", shard.id, key.name);
+                    shard.delete_if_unused(&key);
+                    // A consumer may come first: look again later.
+                    expires
+                } else {
+                    idle_until - now
+                };
+            }
+        })
+        .detach();
     }
 
     fn delete_queue_data(
@@ -1465,24 +1513,31 @@ impl ShardBroker {
                     .get(vhost)
                     .and_then(|routing| routing.queue_key(&def.name).cloned())
                     .unwrap_or_else(|| QueueKey::new(vhost.clone(), def.name.clone()));
+                if self.queues.borrow().contains_key(&key) {
+                    return;
+                }
                 let policy = QueuePolicy::from_arguments(&def.arguments);
                 if let Some(ttl) = policy.message_ttl {
                     // Messages restored from the log expire from now: look then.
                     self.arm_expiry(key.clone(), now_ms().saturating_add(ttl));
                 }
-                self.queues
-                    .borrow_mut()
-                    .entry(key.clone())
-                    .or_insert_with(|| OwnedQueue {
-                        key,
-                        queue: Queue::with_meter(self.meter.clone()),
-                        durable: def.durable,
-                        auto_delete: def.auto_delete,
-                        had_consumer: false,
-                        policy,
-                        expiry: Expiry::new(now_ms()),
-                        expiry_timer: None,
-                    });
+                if let Some(expires) = policy.expires {
+                    self.watch_lease(key.clone(), expires);
+                }
+                let mut queue = Queue::with_meter(self.meter.clone());
+                queue.set_single_active(policy.single_active_consumer);
+                let owned = OwnedQueue {
+                    key: key.clone(),
+                    queue,
+                    durable: def.durable,
+                    auto_delete: def.auto_delete,
+                    had_consumer: false,
+                    policy,
+                    expiry: Expiry::new(now_ms()),
+                    expiry_timer: None,
+                    last_used: now_ms(),
+                };
+                self.queues.borrow_mut().insert(key, owned);
             }
             MetaOp::DeleteQueue { name } => {
                 let key = QueueKey::new(vhost.clone(), name.clone());

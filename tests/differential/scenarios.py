@@ -956,6 +956,55 @@ def max_length_reject_publish_dlx_dead_letters_the_refused(o):
 
 
 @scenario
+def single_active_consumer_takes_over_in_order(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-single-active-consumer": True})
+    received = []
+    consumers = []
+    for name in ("first", "second", "third"):
+        channel = connection.channel()
+        tag = channel.basic_consume(
+            queue, lambda c, m, p, b, name=name: received.append([name, b]), auto_ack=True)
+        consumers.append((channel, tag))
+    o.passive_counts(queue)
+    for i in range(3):
+        ch.basic_publish("", queue, f"m{i}".encode())
+    o.settle(connection, 0.3)
+    o.call("cancel first", lambda: consumers[0][0].basic_cancel(consumers[0][1]))
+    for i in range(3, 5):
+        ch.basic_publish("", queue, f"m{i}".encode())
+    o.settle(connection, 0.3)
+    o.note("received", received)
+
+
+@scenario
+def queue_expires_when_unused(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-expires": 200})
+    fill(o, ch, queue, 2)
+    o.settle(connection, 0.6)
+    o.passive_counts(queue, "after the lease")
+
+
+@scenario
+def queue_expiry_waits_for_consumers_and_gets(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-expires": 400})
+    tag = ch.basic_consume(queue, lambda *a: None, auto_ack=True)
+    o.settle(connection, 0.8)
+    o.passive_counts(queue, "consumed")
+    o.call("cancel", lambda: ch.basic_cancel(tag))
+    for n in range(4):
+        o.settle(connection, 0.2)
+        o.get(ch, queue, label=f"get{n}")
+    o.settle(connection, 0.8)
+    o.passive_counts(queue, "unused")
+
+
+@scenario
 def dead_letter_loop_of_expiries_is_cut(o):
     # A queue dead-lettering its expired messages back to itself: RabbitMQ drops them.
     connection = o.connect()
