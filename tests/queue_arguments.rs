@@ -588,3 +588,33 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
         ]
     );
 }
+
+#[tokio::test]
+async fn a_priority_queue_keeps_its_order_through_paging_and_a_restart() {
+    let broker = Broker::start_with_config(BALANCED_PAGING);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(
+        &channel,
+        "urgent-first",
+        true,
+        &[("x-max-priority", AMQPValue::ShortShortUInt(4))],
+    )
+    .await;
+    // Priority i % 7, capped at 4; 1 KiB bodies, so that most are paged out.
+    let body = |i: usize| format!("{i:03}{}", "x".repeat(1021));
+    for i in 0..140 {
+        let properties = BasicProperties::default()
+            .with_delivery_mode(2)
+            .with_priority((i % 7) as u8);
+        publish(&channel, "", "urgent-first", body(i).as_bytes(), properties).await;
+    }
+    let mut expected: Vec<usize> = (0..140).collect();
+    expected.sort_by_key(|i| (std::cmp::Reverse((i % 7).min(4)), *i));
+    let broker = broker.stop(libc::SIGTERM).restart();
+    let drained: Vec<usize> = drain_no_ack(&broker, "urgent-first")
+        .await
+        .into_iter()
+        .map(|(body, _)| String::from_utf8_lossy(&body[..3]).parse().unwrap())
+        .collect();
+    assert_eq!(drained, expected);
+}

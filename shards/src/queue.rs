@@ -267,6 +267,13 @@ pub struct Got {
     pub logged: bool,
 }
 
+/// What the pager may take, in `Queue::pageable_runs`' order.
+struct PageableRuns {
+    back: Range<usize>,
+    middle: Vec<Range<usize>>,
+    front: Rev<Range<usize>>,
+}
+
 /// A message that left the queue without being delivered or acked: expired, dropped from the
 /// head of a full queue, or rejected without requeue. Its owner may dead-letter it, and must
 /// settle its record if it has one.
@@ -323,7 +330,29 @@ pub struct Queue {
     /// Only the first consumer receives messages (x-single-active-consumer); the next takes
     /// over when it leaves.
     single_active: bool,
-    next_id: MessageId,
+    /// The sequence number of the next message (its id, in a queue without priorities).
+    next_sequence: u64,
+    /// Messages were published into priority lanes (`publish_in`), so in-memory messages may
+    /// lie between paged ones.
+    has_lanes: bool,
+}
+
+/// Ids of a priority queue's messages carry `255 - priority` above their sequence number, so
+/// that id order is delivery order: higher priorities first, publish order within one. Ids
+/// stay below 2^61, clear of `Ready`'s flag bits.
+const LANE_SHIFT: u32 = 53;
+const SEQUENCE_MASK: u64 = (1 << LANE_SHIFT) - 1;
+
+/// The sequence number in an id (the id itself in a queue without priorities).
+pub fn sequence_of(id: MessageId) -> u64 {
+    id & SEQUENCE_MASK
+}
+
+fn id_in_lane(sequence: u64, priority: Option<u8>) -> MessageId {
+    match priority {
+        None => sequence,
+        Some(priority) => u64::from(u8::MAX - priority) << LANE_SHIFT | sequence,
+    }
 }
 
 impl Queue {
@@ -345,14 +374,21 @@ impl Queue {
     }
 
     /// The id the next published message gets (it is logged under that id before it is
-    /// published).
+    /// published), in a queue without priorities.
     pub fn next_id(&self) -> MessageId {
-        self.next_id
+        self.next_sequence
     }
 
-    /// Ids below `next_id` are never used again (recovery: ids the log still mentions).
-    pub fn reserve_ids_below(&mut self, next_id: MessageId) {
-        self.next_id = self.next_id.max(next_id);
+    /// The id the next message published in priority lane `lane` gets (a priority queue's
+    /// every message has a lane: its priority, capped at the queue's x-max-priority).
+    pub fn next_id_in(&self, lane: Option<u8>) -> MessageId {
+        id_in_lane(self.next_sequence, lane)
+    }
+
+    /// Sequence numbers below `next` are never used again (recovery: the log still mentions
+    /// ids with them).
+    pub fn reserve_sequence_below(&mut self, next: u64) {
+        self.next_sequence = self.next_sequence.max(next);
     }
 
     fn store(&mut self, message: Message) -> u32 {
@@ -493,10 +529,34 @@ impl Queue {
 
     /// Appends a message; `location` is where its Enqueue record lies, if it was logged.
     pub fn publish(&mut self, message: Message, location: Option<Location>) -> MessageId {
-        let id = self.next_id;
-        self.next_id += 1;
-        self.push_ready(id, message, location);
+        self.publish_in(None, message, location)
+    }
+
+    /// `publish` into a priority lane (`next_id_in`): ahead of every message of a lower one.
+    pub fn publish_in(
+        &mut self,
+        lane: Option<u8>,
+        message: Message,
+        location: Option<Location>,
+    ) -> MessageId {
+        let id = self.next_id_in(lane);
+        self.next_sequence += 1;
+        self.has_lanes |= lane.is_some();
+        if self.last_ready_id().is_none_or(|last| last < id) {
+            self.push_ready(id, message, location);
+        } else {
+            self.insert_ready(id, message, location, false);
+        }
         id
+    }
+
+    /// The highest ready id (a frozen run's last one if it ends the queue).
+    fn last_ready_id(&self) -> Option<MessageId> {
+        let last = self.ready.back()?;
+        match last.is_frozen() {
+            true => self.run_of(last).map(FrozenRun::last_id),
+            false => Some(last.id()),
+        }
     }
 
     pub fn add_consumer(&mut self, consumer: Consumer) -> Result<(), ConsumeRefusal> {
@@ -716,7 +776,8 @@ impl Queue {
     pub fn restore(&mut self, id: MessageId, location: Location, redelivered: bool) {
         debug_assert!(self.ready.back().is_none_or(|last| last.id() < id));
         debug_assert!(location.len != 0);
-        self.next_id = self.next_id.max(id + 1);
+        self.next_sequence = self.next_sequence.max(sequence_of(id) + 1);
+        self.has_lanes |= id > SEQUENCE_MASK;
         self.paged_count += 1;
         self.paged_record_bytes += u64::from(location.len);
         self.ready.push_back(Ready {
@@ -974,7 +1035,12 @@ impl Queue {
     /// would leave messages between paged ones, which no scan reaches until the queue does: the
     /// pager then could not bring memory down (a test publishing transient messages under a
     /// 1 MiB budget stalled its publisher for a second at a time).
-    fn pageable_runs(&self, keep: usize) -> (Range<usize>, Rev<Range<usize>>) {
+    ///
+    /// A priority queue also gets new messages in the middle (at the end of their lane, ahead
+    /// of lower lanes already paged): there every run between paged messages is taken too, the
+    /// lowest lane's first, each from its start (after a paged message). That scan is as long
+    /// as the entries between the front and back runs (a frozen run counts one).
+    fn pageable_runs(&self, keep: usize) -> PageableRuns {
         let len = self.ready.len();
         let mut back = len;
         while back > keep && !self.ready[back - 1].is_paged() {
@@ -984,7 +1050,27 @@ impl Queue {
         while front < back && !self.ready[front].is_paged() {
             front += 1;
         }
-        (back..len, (keep.min(front)..front).rev())
+        let mut middle = Vec::new();
+        if self.has_lanes {
+            let mut position = front;
+            while position < back {
+                if self.ready[position].is_paged() {
+                    position += 1;
+                    continue;
+                }
+                let start = position;
+                while position < back && !self.ready[position].is_paged() {
+                    position += 1;
+                }
+                middle.push(start..position);
+            }
+            middle.reverse();
+        }
+        PageableRuns {
+            back: back..len,
+            middle,
+            front: (keep.min(front)..front).rev(),
+        }
     }
 
     /// In-memory ready messages with no record in the log, up to `bytes`, keeping the first
@@ -994,8 +1080,9 @@ impl Queue {
     pub fn unlogged_from_back(&self, bytes: usize, keep: usize) -> Vec<(MessageId, &Message)> {
         let mut out = Vec::new();
         let mut total = 0;
-        let (back, front) = self.pageable_runs(keep);
-        for position in back.chain(front) {
+        let runs = self.pageable_runs(keep);
+        let middle = runs.middle.iter().flat_map(Range::clone);
+        for position in runs.back.chain(middle).chain(runs.front) {
             if total >= bytes {
                 break;
             }
@@ -1021,10 +1108,13 @@ impl Queue {
         keep: usize,
         durable: impl Fn(&Location) -> bool,
     ) -> usize {
-        let (back, front) = self.pageable_runs(keep);
-        let back_start = back.start;
-        let freed = self.page_run(back, bytes, &durable);
-        let freed = freed + self.page_run(front, bytes.saturating_sub(freed), &durable);
+        let runs = self.pageable_runs(keep);
+        let back_start = runs.back.start;
+        let mut freed = self.page_run(runs.back, bytes, &durable);
+        for run in runs.middle {
+            freed += self.page_run(run, bytes.saturating_sub(freed), &durable);
+        }
+        freed += self.page_run(runs.front, bytes.saturating_sub(freed), &durable);
         // The entries just paged at the back join the paged stretch before them (whose plain
         // tail is shorter than a run, or it would have been frozen).
         let mut start = back_start;
@@ -1112,7 +1202,7 @@ impl Queue {
         let mut requeued = 0;
         for id in ids {
             if let Some(unacked) = self.release(*id) {
-                self.insert_ready(*id, unacked.message, unacked.location);
+                self.insert_ready(*id, unacked.message, unacked.location, true);
                 requeued += 1;
             }
         }
@@ -1131,7 +1221,15 @@ impl Queue {
         self.requeue(&ids)
     }
 
-    fn insert_ready(&mut self, id: MessageId, message: Message, location: Option<Location>) {
+    /// Puts a message in the middle of the queue, at its id's place (a requeue, or a message of
+    /// a higher priority lane than the last).
+    fn insert_ready(
+        &mut self,
+        id: MessageId,
+        message: Message,
+        location: Option<Location>,
+        redelivered: bool,
+    ) {
         self.thaw_for(id);
         let position = self.ready.partition_point(|r| r.id() < id);
         let persistent = message.is_persistent();
@@ -1139,7 +1237,7 @@ impl Queue {
         self.ready.insert(
             position,
             Ready {
-                tagged_id: tag(id, true, persistent),
+                tagged_id: tag(id, redelivered, persistent),
                 location: location.unwrap_or(NOT_LOGGED),
                 slot,
             },
@@ -1366,6 +1464,92 @@ mod tests {
         queue.dispatch(&mut out);
         assert_eq!(bodies(&out), ["c"]);
         assert_eq!(out[0].consumer.consumer, 2);
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn priority_lanes_go_out_highest_first_and_in_order_within_one() {
+        let mut queue = Queue::new();
+        for (lane, body) in [
+            (0, "low-1"),
+            (5, "mid-1"),
+            (9, "high"),
+            (0, "low-2"),
+            (5, "mid-2"),
+        ] {
+            let expected = queue.next_id_in(Some(lane));
+            assert_eq!(queue.publish_in(Some(lane), message(body), None), expected);
+        }
+        queue.check_invariants();
+        let first = queue.get(CHANNEL, false).unwrap();
+        assert_eq!(first.message.body().as_ref(), b"high");
+        // Requeued, it goes back ahead of everything again.
+        queue.requeue(&[first.id]);
+        queue.check_invariants();
+        queue.add_consumer(consumer(1, Credit::Unlimited)).unwrap();
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        assert_eq!(bodies(&out), ["high", "mid-1", "mid-2", "low-1", "low-2"]);
+        assert!(out[0].redelivered);
+        // Ids stay unique across lanes and clear of the flag bits.
+        assert!(out.iter().all(|d| d.id <= ID_MASK));
+        assert_eq!(sequence_of(out[0].id), 2);
+    }
+
+    #[test]
+    fn messages_between_paged_lanes_can_be_paged_too() {
+        let mut queue = Queue::new();
+        let at = |n: u64| Location {
+            segment: 1,
+            len: 10,
+            offset: n * 10,
+        };
+        for (n, lane) in [(0, 4), (1, 4), (2, 0), (3, 0)] {
+            queue.publish_in(Some(lane), message("paged"), Some(at(n)));
+        }
+        queue.page_out(usize::MAX, 0, |_| true);
+        assert_eq!(queue.paged_count(), 4);
+        // A lane-3 message lands between the paged lanes 4 and 0: not at either end.
+        let middle = queue.publish_in(Some(3), message("middle"), Some(at(4)));
+        assert!(queue.page_out(usize::MAX, 0, |_| true) > 0);
+        assert_eq!(queue.paged_count(), 5);
+        let order: Vec<MessageId> = queue
+            .paged_window(10, u64::MAX)
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(order[2], middle);
+        queue.check_invariants();
+    }
+
+    #[test]
+    fn restored_lanes_keep_their_order_and_new_ids_follow_every_sequence() {
+        let mut queue = Queue::new();
+        let at = |n: u64| Location {
+            segment: 1,
+            len: 10,
+            offset: n * 10,
+        };
+        // Recovery restores in id order: the higher lane's (sequence 7) before the lower's.
+        let high = id_in_lane(7, Some(3));
+        let low = id_in_lane(2, Some(0));
+        assert!(high < low);
+        queue.restore(high, at(7), false);
+        queue.restore(low, at(2), false);
+        assert_eq!(queue.next_id_in(Some(3)), id_in_lane(8, Some(3)));
+        queue.reserve_sequence_below(20);
+        let id = queue.publish_in(Some(3), message("new"), None);
+        assert_eq!(sequence_of(id), 20);
+        let order: Vec<MessageId> = queue
+            .paged_window(10, u64::MAX)
+            .iter()
+            .map(|p| p.0)
+            .collect();
+        assert_eq!(
+            order,
+            [high, low],
+            "the new one waits in memory between them"
+        );
         queue.check_invariants();
     }
 

@@ -217,9 +217,10 @@ pub struct Recovered {
 pub struct RecoveredQueue {
     /// In publish (id) order.
     pub messages: Vec<Recovered>,
-    /// Above every id the log mentions for this queue: new messages must not reuse an id that a
-    /// retained Settle record could otherwise apply to.
-    pub next_id: MessageId,
+    /// Above the sequence number of every id the log mentions for this queue (the id's low
+    /// bits, `queue::sequence_of`): new messages must not reuse an id that a retained Settle
+    /// record could otherwise apply to.
+    pub next_sequence: u64,
 }
 
 #[derive(Debug, Default)]
@@ -228,12 +229,14 @@ struct QueueFold {
     enqueued: Vec<(MessageId, Location)>,
     settled: RoaringTreemap,
     delivered: RoaringTreemap,
-    next_id: MessageId,
+    next_sequence: u64,
 }
 
 impl QueueFold {
     fn saw(&mut self, id: MessageId) {
-        self.next_id = self.next_id.max(id.saturating_add(1));
+        self.next_sequence = self
+            .next_sequence
+            .max(crate::queue::sequence_of(id).saturating_add(1));
     }
 }
 
@@ -242,7 +245,7 @@ impl QueueFold {
 ///
 /// A message is live if it was enqueued and not settled, in the current incarnation of its
 /// queue (a DeleteQueue record starts over). Ids are never reused within an incarnation — also
-/// across restarts, see `RecoveredQueue::next_id` — so the settled set does not depend on order.
+/// across restarts, see `RecoveredQueue::next_sequence` — so the settled set does not depend on order.
 #[derive(Debug, Default)]
 pub struct Recovery {
     queues: HashMap<LoggedQueue, QueueFold>,
@@ -292,7 +295,7 @@ impl Recovery {
 
     /// Each queue's live messages in publish order. Unless the last entry was CleanShutdown,
     /// every message comes back redelivered (see the module doc). Queues the log mentions with
-    /// nothing live are listed too (their `next_id` matters).
+    /// nothing live are listed too (their `next_sequence` matters).
     pub fn finish(self) -> HashMap<LoggedQueue, RecoveredQueue> {
         let clean = self.clean;
         self.queues
@@ -315,8 +318,14 @@ impl Recovery {
                         _ => messages.push(recovered),
                     }
                 }
-                let next_id = fold.next_id;
-                (queue, RecoveredQueue { messages, next_id })
+                let next_sequence = fold.next_sequence;
+                (
+                    queue,
+                    RecoveredQueue {
+                        messages,
+                        next_sequence,
+                    },
+                )
             })
             .collect()
     }
@@ -465,7 +474,7 @@ mod tests {
             .map(|r| (r.id, r.redelivered, r.location.offset))
             .collect();
         assert_eq!(summary, vec![(1, true, 1), (2, false, 0)]);
-        assert_eq!(a.next_id, 4);
+        assert_eq!(a.next_sequence, 4);
         assert!(folded[&queue("gone")].messages.is_empty());
     }
 
@@ -567,7 +576,7 @@ mod tests {
         assert_eq!(places, vec![(1, 2), (2, 1)]);
     }
 
-    /// Ids mentioned only by Settle records still raise `next_id`, and a deleted queue's
+    /// Ids mentioned only by Settle records still raise `next_sequence`, and a deleted queue's
     /// records do not apply to its successor of the same name.
     #[test]
     fn next_id_covers_every_id_the_log_mentions() {
@@ -593,11 +602,11 @@ mod tests {
             },
         ];
         let folded = fold(located(entries));
-        assert_eq!(folded[&queue("a")].next_id, 42);
+        assert_eq!(folded[&queue("a")].next_sequence, 42);
         let b = &folded[&queue("b")];
         assert_eq!(b.messages.len(), 1);
         assert_eq!(b.messages[0].id, 1, "the old settle of id 1 does not apply");
-        assert_eq!(b.next_id, 2);
+        assert_eq!(b.next_sequence, 2);
     }
 
     #[test]

@@ -3,8 +3,9 @@
 //! (x-max-length, x-max-length-bytes, with x-overflow) and dead-lettering
 //! (x-dead-letter-exchange, x-dead-letter-routing-key; the letter itself is `dead_letter`'s);
 //! queue expiry (x-expires: the owning shard asks the coordinator to delete a queue unused for
-//! that long); and x-single-active-consumer, which `shards::Queue` applies when it picks a
-//! consumer.
+//! that long); x-single-active-consumer, which `shards::Queue` applies when it picks a
+//! consumer; and x-max-priority, by the message's priority lane (`priority_lane`), which
+//! `shards::Queue` puts in its id so that id order is delivery order.
 //!
 //! As in RabbitMQ's classic queues:
 //! - a message expires only at the head of its queue: one behind a message that lives longer
@@ -24,13 +25,16 @@ use std::time::Instant;
 use ahash::HashMap;
 use shards::{Message, MessageId};
 
-use crate::codec::{BasicProperties, FieldTable, FieldValue, ShortStr, EXPIRATION_FLAG};
+use crate::codec::{
+    BasicProperties, FieldTable, FieldValue, ShortStr, EXPIRATION_FLAG, PRIORITY_FLAG,
+};
 
 /// The x-arguments a queue acts on (the rest are accepted and ignored, with a warning).
 /// x-queue-type and x-queue-mode name kinds of queue shardmq does not tell apart: every queue
 /// pages its backlog out as a lazy one would.
 pub const APPLIED_ARGUMENTS: &[&str] = &[
     "x-expires",
+    "x-max-priority",
     "x-message-ttl",
     "x-max-length",
     "x-max-length-bytes",
@@ -72,6 +76,8 @@ pub struct QueuePolicy {
     /// Milliseconds unused (no consumers, no basic.get, no declare) before the queue is
     /// deleted (x-expires).
     pub expires: Option<u64>,
+    /// x-max-priority: messages go out by priority, capped at this.
+    pub max_priority: Option<u8>,
 }
 
 impl QueuePolicy {
@@ -103,6 +109,7 @@ impl QueuePolicy {
                 routing_key: text("x-dead-letter-routing-key"),
             }),
             expires: count("x-expires").filter(|ms| *ms > 0),
+            max_priority: count("x-max-priority").and_then(|max| u8::try_from(max).ok()),
             single_active_consumer: arguments
                 .get("x-single-active-consumer")
                 .and_then(FieldValue::as_bool)
@@ -136,6 +143,23 @@ impl QueuePolicy {
     pub fn is_plain(&self) -> bool {
         self.message_ttl.is_none() && !self.has_limit()
     }
+}
+
+/// The priority lane of `message` in a queue with `max_priority`: its priority property (0 if
+/// it has none), capped at the maximum, as RabbitMQ caps it.
+pub fn priority_lane(message: &Message, max_priority: Option<u8>) -> Option<u8> {
+    let max = max_priority?;
+    let properties = message.properties();
+    let flags = u16::from_be_bytes([*properties.first()?, *properties.get(1)?]);
+    let priority = if flags & PRIORITY_FLAG == 0 {
+        0
+    } else {
+        BasicProperties::decode(&message.envelope().slice_ref(properties))
+            .ok()
+            .and_then(|p| p.priority)
+            .unwrap_or(0)
+    };
+    Some(priority.min(max))
 }
 
 /// Milliseconds on a clock shared by every shard (deadlines only compare with each other).
@@ -294,6 +318,7 @@ mod tests {
             ("x-dead-letter-routing-key", text("dead")),
             ("x-single-active-consumer", FieldValue::Bool(true)),
             ("x-expires", FieldValue::U32(60_000)),
+            ("x-max-priority", FieldValue::U8(10)),
         ]));
         assert_eq!(policy.message_ttl, Some(1500));
         assert_eq!(policy.max_length, Some(3));
@@ -303,6 +328,7 @@ mod tests {
         assert_eq!(target.routing_key.unwrap().as_bytes(), b"dead");
         assert!(policy.single_active_consumer);
         assert_eq!(policy.expires, Some(60_000));
+        assert_eq!(policy.max_priority, Some(10));
         assert!(!policy.is_plain());
         assert!(QueuePolicy::from_arguments(&FieldTable::new()).is_plain());
     }

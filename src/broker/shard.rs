@@ -41,7 +41,7 @@ use super::messages::{
 };
 use super::meta_log::{self, DurableMetadata};
 use super::oneshot;
-use super::queue_policy::{now_ms, DeadLetterTarget, Expiry, Overflow, QueuePolicy};
+use super::queue_policy::{now_ms, priority_lane, DeadLetterTarget, Expiry, Overflow, QueuePolicy};
 use super::routing::{ConnectionRef, MetaOp, QueueDef, VhostRouting};
 use super::storage::{
     after_synced, Appended, CompactionHost, LiveMessage, RetainedSegment, SegmentedWal, Writers,
@@ -822,11 +822,12 @@ impl ShardBroker {
                             continue;
                         }
                         to_consumed_queue |= owned.queue.consumer_count() > 0;
+                        let lane = priority_lane(&message, owned.policy.max_priority);
                         let mut location = None;
                         if owned.durable && message.is_persistent() {
                             let appended = self.log_message(
                                 &logged_queue(&owned.key),
-                                owned.queue.next_id(),
+                                owned.queue.next_id_in(lane),
                                 &message,
                             );
                             if let Some(Appended {
@@ -840,7 +841,7 @@ impl ShardBroker {
                                 }
                             }
                         }
-                        let id = owned.queue.publish(message.clone(), location);
+                        let id = owned.queue.publish_in(lane, message.clone(), location);
                         owned
                             .expiry
                             .published(id, &message, owned.policy.message_ttl, now_ms);
@@ -1935,7 +1936,7 @@ impl ShardBroker {
             );
             let mut queues = self.queues.borrow_mut();
             let Some(owned) = queues.get_mut(&key).filter(|owned| owned.durable) else {
-                if !recovered.messages.is_empty() || recovered.next_id > 0 {
+                if !recovered.messages.is_empty() || recovered.next_sequence > 0 {
                     orphaned += recovered.messages.len();
                     orphans.push(logged);
                 }
@@ -1959,7 +1960,7 @@ impl ShardBroker {
                         .insert(message.id);
                 }
             }
-            owned.queue.reserve_ids_below(recovered.next_id);
+            owned.queue.reserve_sequence_below(recovered.next_sequence);
         }
         if !files.is_empty() {
             info!(

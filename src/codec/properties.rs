@@ -116,6 +116,8 @@ fn end_of_properties(reader: &Reader<'_>) -> Result<(), FrameError> {
 pub const HEADERS_FLAG: u16 = 1 << 13;
 /// The flag of the delivery-mode property (the fourth).
 const DELIVERY_MODE_FLAG: u16 = 1 << 12;
+/// The flag of the priority property (the fifth).
+pub const PRIORITY_FLAG: u16 = 1 << 11;
 /// The flag of the expiration property (the eighth).
 pub const EXPIRATION_FLAG: u16 = 1 << 8;
 /// The flag of the user-id property (the twelfth).
@@ -179,6 +181,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flags(expiration), EXPIRATION_FLAG);
+        let priority = BasicProperties {
+            priority: Some(9),
+            ..Default::default()
+        };
+        assert_eq!(flags(priority), PRIORITY_FLAG);
     }
     use crate::codec::types::FieldValue;
 

@@ -1005,6 +1005,22 @@ def queue_expiry_waits_for_consumers_and_gets(o):
 
 
 @scenario
+def priority_queue_delivers_highest_first(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch, arguments={"x-max-priority": 5})
+    ch.confirm_delivery()
+    # None counts as 0; above the maximum counts as the maximum.
+    for body, priority in (("a0", None), ("b3", 3), ("c9", 9), ("d5", 5), ("e3", 3), ("f1", 1)):
+        o.publish(ch, body.encode(), queue, properties=props(priority=priority))
+    first = o.get(ch, queue)[0]
+    ch.basic_reject(first.delivery_tag, requeue=True)
+    o.passive_counts(queue)
+    for n in range(7):
+        o.get(ch, queue, label=f"get{n}", auto_ack=True)
+
+
+@scenario
 def dead_letter_loop_of_expiries_is_cut(o):
     # A queue dead-lettering its expired messages back to itself: RabbitMQ drops them.
     connection = o.connect()
