@@ -102,6 +102,15 @@ async fn wait_for_count(channel: &Channel, queue: &str, count: u32) {
     }
 }
 
+/// The consumer's next delivery, within `WAIT`; `what` names it when it does not come.
+async fn next_delivery(consumer: &mut lapin::Consumer, what: &str) -> lapin::message::Delivery {
+    tokio::time::timeout(WAIT, consumer.next())
+        .await
+        .unwrap_or_else(|_| panic!("{what}: not in time"))
+        .expect("a delivery")
+        .expect("delivery ok")
+}
+
 /// The x-death records of a delivery's headers, each as (queue, reason, count, exchange,
 /// routing keys).
 fn deaths(properties: &BasicProperties) -> Vec<(String, String, i64, String, Vec<String>)> {
@@ -204,11 +213,7 @@ async fn a_rejected_job_comes_back_through_a_ttl_retry_queue_with_its_deaths() {
     let properties = BasicProperties::default().with_headers(arguments(&[("job", text("7"))]));
     publish(&channel, "", "work", b"job", properties).await;
 
-    let first = tokio::time::timeout(WAIT, consumer.next())
-        .await
-        .expect("the job in time")
-        .expect("a delivery")
-        .expect("delivery ok");
+    let first = next_delivery(&mut consumer, "the job in time").await;
     assert!(deaths(&first.properties).is_empty());
     first
         .reject(BasicRejectOptions { requeue: false })
@@ -216,11 +221,7 @@ async fn a_rejected_job_comes_back_through_a_ttl_retry_queue_with_its_deaths() {
         .expect("reject");
     let rejected_at = Instant::now();
 
-    let again = tokio::time::timeout(WAIT, consumer.next())
-        .await
-        .expect("the job back in time")
-        .expect("a delivery")
-        .expect("delivery ok");
+    let again = next_delivery(&mut consumer, "the job back in time").await;
     let waited = rejected_at.elapsed();
     assert!(
         waited >= Duration::from_millis(250),
@@ -544,11 +545,7 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
         .await;
     }
     for i in 0..4 {
-        let delivery = tokio::time::timeout(WAIT, first.next())
-            .await
-            .expect("the active consumer gets it")
-            .expect("a delivery")
-            .expect("delivery ok");
+        let delivery = next_delivery(&mut first, "the active consumer gets it").await;
         assert_eq!(delivery.data, format!("m{i}").as_bytes());
         if i < 2 {
             delivery.ack(BasicAckOptions::default()).await.expect("ack");
@@ -568,11 +565,7 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
     publish(&channel, "", "sac", b"m4", Default::default()).await;
     let mut taken_over = Vec::new();
     while taken_over.len() < 3 {
-        let delivery = tokio::time::timeout(WAIT, second.next())
-            .await
-            .expect("the next consumer takes over")
-            .expect("a delivery")
-            .expect("delivery ok");
+        let delivery = next_delivery(&mut second, "the next consumer takes over").await;
         taken_over.push((
             String::from_utf8(delivery.data.clone()).unwrap(),
             delivery.redelivered,
@@ -617,4 +610,78 @@ async fn a_priority_queue_keeps_its_order_through_paging_and_a_restart() {
         .map(|(body, _)| String::from_utf8_lossy(&body[..3]).parse().unwrap())
         .collect();
     assert_eq!(drained, expected);
+}
+
+#[tokio::test]
+async fn a_higher_priority_consumer_is_served_first_while_it_has_credit() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_connection, channel) = confirming_channel(&broker).await;
+    declare(&channel, "jobs", false, &[]).await;
+    let (_high_connection, high_channel) = lapin_channel(&broker).await;
+    high_channel
+        .basic_qos(3, Default::default())
+        .await
+        .expect("basic.qos");
+    let mut high = high_channel
+        .basic_consume(
+            "jobs".into(),
+            "high".into(),
+            BasicConsumeOptions::default(),
+            arguments(&[("x-priority", AMQPValue::LongInt(5))]),
+        )
+        .await
+        .expect("consume with x-priority");
+    let (_low_connection, low_channel) = lapin_channel(&broker).await;
+    let mut low = low_channel
+        .basic_consume(
+            "jobs".into(),
+            "low".into(),
+            BasicConsumeOptions {
+                no_ack: true,
+                ..BasicConsumeOptions::default()
+            },
+            FieldTable::default(),
+        )
+        .await
+        .expect("consume");
+    for i in 0..10 {
+        publish(
+            &channel,
+            "",
+            "jobs",
+            format!("j{i}").as_bytes(),
+            Default::default(),
+        )
+        .await;
+    }
+    let mut to_high = Vec::new();
+    for _ in 0..3 {
+        let delivery = next_delivery(&mut high, "to the high-priority consumer").await;
+        to_high.push(delivery);
+    }
+    let mut to_low = Vec::new();
+    for _ in 0..7 {
+        let delivery = next_delivery(&mut low, "to the other consumer").await;
+        to_low.push(String::from_utf8(delivery.data).unwrap());
+    }
+    let high_bodies: Vec<&[u8]> = to_high.iter().map(|d| d.data.as_slice()).collect();
+    assert_eq!(
+        high_bodies,
+        [b"j0", b"j1", b"j2"],
+        "the first three, while it had credit"
+    );
+    assert_eq!(to_low, ["j3", "j4", "j5", "j6", "j7", "j8", "j9"]);
+    // Credit back: the next message goes to the higher priority again.
+    to_high[0]
+        .ack(BasicAckOptions::default())
+        .await
+        .expect("ack");
+    // The ack's credit travels from the consumer's shard to the queue's; a declare from the same
+    // connection follows it there, so once answered the credit is in.
+    passive_declare(&high_channel, "jobs")
+        .await
+        .expect("passive declare");
+    publish(&channel, "", "jobs", b"j10", Default::default()).await;
+    let next = next_delivery(&mut high, "to the high-priority consumer").await;
+    assert_eq!(next.data, b"j10");
 }

@@ -142,6 +142,9 @@ pub struct Consumer {
     pub on_demand: bool,
     /// Asked for credit and not answered yet: ask once per starvation.
     pub asked: bool,
+    /// x-priority: a consumer gets messages only while no consumer of a higher priority has
+    /// credit for them.
+    pub priority: i32,
 }
 
 /// A ready message, 32 bytes: its id with the redelivered and persistent flags packed into the
@@ -330,6 +333,8 @@ pub struct Queue {
     /// Only the first consumer receives messages (x-single-active-consumer); the next takes
     /// over when it leaves.
     single_active: bool,
+    /// Some consumer has a priority other than 0 (x-priority): dispatch compares them.
+    consumers_prioritized: bool,
     /// The sequence number of the next message (its id, in a queue without priorities).
     next_sequence: u64,
     /// Messages were published into priority lanes (`publish_in`), so in-memory messages may
@@ -567,6 +572,7 @@ impl Queue {
             return Err(ConsumeRefusal::ConsumersPresent);
         }
         debug_assert!(self.consumers.iter().all(|c| c.key != consumer.key));
+        self.consumers_prioritized |= consumer.priority != 0;
         self.consumers.push(consumer);
         Ok(())
     }
@@ -641,22 +647,9 @@ impl Queue {
             if self.ready.is_empty() || self.front_is_paged() {
                 return;
             }
-            // One active consumer: the others (registered later) wait for it to leave.
-            let count = if self.single_active {
-                self.cursor = 0;
-                1
-            } else {
-                self.consumers.len()
-            };
-            let Some(offset) = (0..count).find(|offset| {
-                self.consumers[(self.cursor + offset) % count]
-                    .credit
-                    .available()
-            }) else {
+            let Some(index) = self.next_consumer() else {
                 return;
             };
-            let index = (self.cursor + offset) % count;
-            self.cursor = (index + 1) % count;
             let Some((ready, message)) = self.pop_front() else {
                 return;
             };
@@ -682,6 +675,31 @@ impl Queue {
                 message,
             });
         }
+    }
+
+    /// The consumer to hand the next message to: round-robin among those with credit of the
+    /// highest priority present, from the cursor on; with a single active consumer, the
+    /// oldest or none.
+    fn next_consumer(&mut self) -> Option<usize> {
+        let count = if self.single_active {
+            self.cursor = 0;
+            1
+        } else {
+            self.consumers.len()
+        };
+        let with_credit = |offset: &usize| {
+            let consumer = &self.consumers[(self.cursor + offset) % count];
+            consumer.credit.available().then_some(consumer.priority)
+        };
+        let offset = if self.consumers_prioritized {
+            let top = (0..count).filter_map(|o| with_credit(&o)).max()?;
+            (0..count).find(|o| with_credit(o) == Some(top))?
+        } else {
+            (0..count).find(|o| with_credit(o).is_some())?
+        };
+        let index = (self.cursor + offset) % count;
+        self.cursor = (index + 1) % count;
+        Some(index)
     }
 
     /// Takes messages off the front while they are in memory and `drop` says so, at most
@@ -1412,6 +1430,7 @@ mod tests {
             credit,
             on_demand: false,
             asked: false,
+            priority: 0,
         }
     }
 
@@ -1551,6 +1570,32 @@ mod tests {
             "the new one waits in memory between them"
         );
         queue.check_invariants();
+    }
+
+    #[test]
+    fn higher_priority_consumers_go_first_while_they_have_credit() {
+        let mut queue = Queue::new();
+        let with_priority = |n: u64, credit: Credit, priority: i32| Consumer {
+            priority,
+            ..consumer(n, credit)
+        };
+        queue
+            .add_consumer(with_priority(1, Credit::Unlimited, 0))
+            .unwrap();
+        queue
+            .add_consumer(with_priority(2, Credit::Limited(2), 5))
+            .unwrap();
+        queue
+            .add_consumer(with_priority(3, Credit::Limited(2), 5))
+            .unwrap();
+        for body in ["a", "b", "c", "d", "e", "f"] {
+            queue.publish(message(body), None);
+        }
+        let mut out = Vec::new();
+        queue.dispatch(&mut out);
+        let to: Vec<u64> = out.iter().map(|d| d.consumer.consumer).collect();
+        // Round-robin between the two of priority 5, then the rest to the one left.
+        assert_eq!(to, [2, 3, 2, 3, 1, 1]);
     }
 
     #[test]

@@ -39,6 +39,24 @@ pub fn refusal(arguments: &FieldTable, queue: &str, vhost: &str) -> Option<Strin
     })
 }
 
+/// RabbitMQ's reply text for the first basic.consume argument it would refuse on `queue` in
+/// `vhost`: x-priority must be an integer, x-cancel-on-ha-failover a boolean.
+pub fn consume_refusal(arguments: &FieldTable, queue: &str, vhost: &str) -> Option<String> {
+    arguments.iter().find_map(|(name, value)| {
+        let name = name.to_str_lossy();
+        let reason = match &*name {
+            "x-priority" => value.as_i64().is_none().then(|| expected_integer(value)),
+            "x-cancel-on-ha-failover" => {
+                value.as_bool().is_none().then(|| unacceptable_type(value))
+            }
+            _ => None,
+        }?;
+        Some(format!(
+            "invalid arg '{name}' for queue '{queue}' in vhost '{vhost}': {reason}"
+        ))
+    })
+}
+
 fn check(name: &str, value: &FieldValue, arguments: &FieldTable) -> Result<(), Refusal> {
     match name {
         "x-expires" => match non_negative(integer(value)?)? {
@@ -89,7 +107,11 @@ fn check(name: &str, value: &FieldValue, arguments: &FieldTable) -> Result<(), R
 fn integer(value: &FieldValue) -> Result<i64, Refusal> {
     value
         .as_i64()
-        .ok_or_else(|| Refusal::Invalid(format!("\"expected integer, got {}\"", value.type_name())))
+        .ok_or_else(|| Refusal::Invalid(expected_integer(value)))
+}
+
+fn expected_integer(value: &FieldValue) -> String {
+    format!("\"expected integer, got {}\"", value.type_name())
 }
 
 fn non_negative(n: i64) -> Result<i64, Refusal> {
@@ -113,7 +135,11 @@ fn unsupported(what: &str, value: &str) -> Refusal {
 }
 
 fn unacceptable(value: &FieldValue) -> Refusal {
-    Refusal::Invalid(format!("{{unacceptable_type,{}}}", value.type_name()))
+    Refusal::Invalid(unacceptable_type(value))
+}
+
+fn unacceptable_type(value: &FieldValue) -> String {
+    format!("{{unacceptable_type,{}}}", value.type_name())
 }
 
 #[cfg(test)]
@@ -138,6 +164,26 @@ mod tests {
         Some(format!(
             "invalid arg '{name}' for queue 'q' in vhost '/': {reason}"
         ))
+    }
+
+    #[test]
+    fn consume_arguments_are_checked_as_rabbitmq_checks_them() {
+        let table = |name: &str, value: FieldValue| -> FieldTable {
+            [(ShortStr::try_from(name).unwrap(), value)]
+                .into_iter()
+                .collect()
+        };
+        let refused = |t: &FieldTable| consume_refusal(t, "q", "/");
+        assert_eq!(refused(&table("x-priority", FieldValue::I32(-3))), None);
+        assert_eq!(
+            refused(&table("x-priority", text("high"))),
+            invalid("x-priority", "\"expected integer, got longstr\"")
+        );
+        assert_eq!(
+            refused(&table("x-cancel-on-ha-failover", FieldValue::I8(1))),
+            invalid("x-cancel-on-ha-failover", "{unacceptable_type,byte}")
+        );
+        assert_eq!(refused(&table("x-whatever", text("x"))), None);
     }
 
     #[test]

@@ -30,6 +30,7 @@ use smallvec::{smallvec, SmallVec};
 use super::messages::{
     ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, SettledIds, Settlement, ShardMessage,
 };
+use super::queue_arguments;
 use super::queue_policy::parse_expiration;
 use super::routing::{
     BindingDef, ConnectionRef, Destination, ExchangeDef, ExchangeKind, RoutedQueue,
@@ -607,6 +608,7 @@ impl Session {
             }
             Method::BasicConsume(m) => {
                 let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
+                let priority = consumer_priority(&m.arguments, &queue)?;
                 let tag = if m.consumer_tag.is_empty() {
                     self.random_tag("amq.ctag-")
                 } else {
@@ -674,6 +676,7 @@ impl Session {
                     credit: Credit::Limited(initial_credit),
                     on_demand: mode == CreditMode::Shared,
                     asked: false,
+                    priority,
                 };
                 let request_queue = queue.clone();
                 let reply = self
@@ -1733,6 +1736,23 @@ impl Session {
             }
         }
     }
+}
+
+/// A basic.consume's x-priority (0 without one), its arguments refused as RabbitMQ refuses them
+/// (406, channel level).
+fn consumer_priority(
+    arguments: &crate::codec::FieldTable,
+    queue: &QueueKey,
+) -> Result<i32, AmqpError> {
+    if let Some(text) = queue_arguments::consume_refusal(
+        arguments,
+        &queue.name.to_str_lossy(),
+        &queue.vhost.to_str_lossy(),
+    ) {
+        return Err(AmqpError::channel(ReplyCode::PreconditionFailed, text));
+    }
+    let priority = arguments.get("x-priority").and_then(|p| p.as_i64());
+    Ok(priority.map_or(0, |p| p.clamp(i32::MIN.into(), i32::MAX.into()) as i32))
 }
 
 #[cfg(test)]

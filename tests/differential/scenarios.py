@@ -1021,6 +1021,27 @@ def priority_queue_delivers_highest_first(o):
 
 
 @scenario
+def consumer_priorities_serve_the_highest_with_credit_first(o):
+    connection = o.connect()
+    ch = connection.channel()
+    queue = declare(o, ch)
+    received = []
+    high = connection.channel()
+    high.basic_qos(prefetch_count=2)
+    high.basic_consume(queue, lambda c, m, p, b: received.append(["high", b]),
+                       arguments={"x-priority": 10})
+    low = connection.channel()
+    low.basic_consume(queue, lambda c, m, p, b: received.append(["low", b]), auto_ack=True)
+    for i in range(5):
+        ch.basic_publish("", queue, f"m{i}".encode())
+    o.settle(connection, 0.4)
+    o.note("received", received)
+    bad = connection.channel()
+    o.call("not an integer", lambda: bad.basic_consume(
+        queue, lambda *a: None, arguments={"x-priority": "high"}))
+
+
+@scenario
 def dead_letter_loop_of_expiries_is_cut(o):
     # A queue dead-lettering its expired messages back to itself: RabbitMQ drops them.
     connection = o.connect()
