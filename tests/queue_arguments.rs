@@ -1,7 +1,8 @@
 //! Queue arguments applied, through lapin: dead-letter exchanges (reject, nack, expiry,
 //! overflow) with RabbitMQ's x-death headers, message TTL per queue and per message, length
-//! limits with each overflow mode, queue expiry and single active consumer; across two shards
-//! (balanced placement), through paging, and across a restart.
+//! limits with each overflow mode, queue expiry, single active consumer, priorities of messages
+//! and of consumers, and direct reply-to; across two shards (balanced placement), through
+//! paging, and across a restart.
 
 mod common;
 
@@ -100,6 +101,28 @@ async fn wait_for_count(channel: &Channel, queue: &str, count: u32) {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// A consumer on `queue` tagged `tag` (the broker names it if empty).
+async fn consume(
+    channel: &Channel,
+    queue: &str,
+    tag: &str,
+    no_ack: bool,
+    args: &[(&str, AMQPValue)],
+) -> lapin::Consumer {
+    channel
+        .basic_consume(
+            queue.into(),
+            tag.into(),
+            BasicConsumeOptions {
+                no_ack,
+                ..BasicConsumeOptions::default()
+            },
+            arguments(args),
+        )
+        .await
+        .expect("basic.consume")
 }
 
 /// The consumer's next delivery, within `WAIT`; `what` names it when it does not come.
@@ -201,15 +224,7 @@ async fn a_rejected_job_comes_back_through_a_ttl_retry_queue_with_its_deaths() {
         )
         .await
         .expect("queue.bind");
-    let mut consumer = channel
-        .basic_consume(
-            "work".into(),
-            "worker".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("basic.consume");
+    let mut consumer = consume(&channel, "work", "worker", false, &[]).await;
     let properties = BasicProperties::default().with_headers(arguments(&[("job", text("7"))]));
     publish(&channel, "", "work", b"job", properties).await;
 
@@ -515,25 +530,9 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
     )
     .await;
     let (first_connection, first_channel) = lapin_channel(&broker).await;
-    let mut first = first_channel
-        .basic_consume(
-            "sac".into(),
-            "first".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("first consume");
+    let mut first = consume(&first_channel, "sac", "first", false, &[]).await;
     let (_second_connection, second_channel) = lapin_channel(&broker).await;
-    let mut second = second_channel
-        .basic_consume(
-            "sac".into(),
-            "second".into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .expect("second consume");
+    let mut second = consume(&second_channel, "sac", "second", false, &[]).await;
     for i in 0..4 {
         publish(
             &channel,
@@ -622,28 +621,16 @@ async fn a_higher_priority_consumer_is_served_first_while_it_has_credit() {
         .basic_qos(3, Default::default())
         .await
         .expect("basic.qos");
-    let mut high = high_channel
-        .basic_consume(
-            "jobs".into(),
-            "high".into(),
-            BasicConsumeOptions::default(),
-            arguments(&[("x-priority", AMQPValue::LongInt(5))]),
-        )
-        .await
-        .expect("consume with x-priority");
+    let mut high = consume(
+        &high_channel,
+        "jobs",
+        "high",
+        false,
+        &[("x-priority", AMQPValue::LongInt(5))],
+    )
+    .await;
     let (_low_connection, low_channel) = lapin_channel(&broker).await;
-    let mut low = low_channel
-        .basic_consume(
-            "jobs".into(),
-            "low".into(),
-            BasicConsumeOptions {
-                no_ack: true,
-                ..BasicConsumeOptions::default()
-            },
-            FieldTable::default(),
-        )
-        .await
-        .expect("consume");
+    let mut low = consume(&low_channel, "jobs", "low", true, &[]).await;
     for i in 0..10 {
         publish(
             &channel,
@@ -684,4 +671,69 @@ async fn a_higher_priority_consumer_is_served_first_while_it_has_credit() {
     publish(&channel, "", "jobs", b"j10", Default::default()).await;
     let next = next_delivery(&mut high, "to the high-priority consumer").await;
     assert_eq!(next.data, b"j10");
+}
+
+#[tokio::test]
+async fn rpc_over_direct_reply_to_from_several_connections() {
+    let broker = Broker::start_with_config(BALANCED);
+    let (_server_connection, server) = lapin_channel(&broker).await;
+    declare(&server, "rpc", false, &[]).await;
+    let mut requests = consume(&server, "rpc", "server", true, &[]).await;
+    let responder = server.clone();
+    let serving = tokio::spawn(async move {
+        // Answers each request with its body reversed, to its reply-to, with its correlation id.
+        while let Some(Ok(request)) = requests.next().await {
+            let reply_to = request.properties.reply_to().clone().expect("a reply-to");
+            assert!(reply_to.as_str().starts_with("amq.rabbitmq.reply-to."));
+            let mut body = request.data.clone();
+            body.reverse();
+            let properties = BasicProperties::default()
+                .with_correlation_id(request.properties.correlation_id().clone().unwrap());
+            lapin_publish_with(&responder, "", reply_to.as_str(), &body, properties).await;
+        }
+    });
+    let mut clients = Vec::new();
+    for client in 0..4 {
+        let (connection, channel) = lapin_channel(&broker).await;
+        let mut replies = consume(&channel, "amq.rabbitmq.reply-to", "", true, &[]).await;
+        for n in 0..5 {
+            let properties = BasicProperties::default()
+                .with_reply_to("amq.rabbitmq.reply-to".into())
+                .with_correlation_id(format!("{client}-{n}").into());
+            let body = format!("request {client}-{n}");
+            lapin_publish_with(&channel, "", "rpc", body.as_bytes(), properties).await;
+            let reply = next_delivery(&mut replies, "the reply").await;
+            assert_eq!(
+                reply
+                    .properties
+                    .correlation_id()
+                    .as_ref()
+                    .map(|c| c.as_str()),
+                Some(format!("{client}-{n}").as_str())
+            );
+            let mut expected = body.into_bytes();
+            expected.reverse();
+            assert_eq!(reply.data, expected);
+            assert_eq!(reply.exchange.as_str(), "");
+        }
+        clients.push(connection);
+    }
+    // A reply consumer takes no acks, and only one per channel.
+    let (_connection, channel) = lapin_channel(&broker).await;
+    let refused = channel
+        .basic_consume(
+            "amq.rabbitmq.reply-to".into(),
+            "".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("a reply consumer with acks");
+    assert!(
+        refused
+            .to_string()
+            .contains("reply consumer cannot acknowledge"),
+        "{refused}"
+    );
+    serving.abort();
 }

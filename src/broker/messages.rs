@@ -323,6 +323,14 @@ pub enum ShardMessage {
     ConsumerCancelled {
         consumer: ConsumerKey,
     },
+    /// To a requester's shard: a reply published to its direct reply-to address
+    /// (`amq.rabbitmq.reply-to.*`), for the reply consumer `key` names on that channel.
+    DirectReply {
+        connection: u64,
+        channel: u16,
+        key: u64,
+        message: Message,
+    },
     Reply {
         token: u64,
         reply: Reply,

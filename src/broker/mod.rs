@@ -6,9 +6,11 @@
 //! - [`queue_arguments`]: the x-arguments checks RabbitMQ makes at queue.declare.
 //! - [`queue_policy`]: what the accepted ones make a queue do (TTL, length limits, where its
 //!   dead letters go); [`dead_letter`]: the letters themselves.
+//! - [`direct_reply`]: `amq.rabbitmq.reply-to` addresses.
 
 pub mod coordinator;
 pub mod dead_letter;
+pub mod direct_reply;
 pub mod messages;
 pub mod meta_log;
 pub mod oneshot;

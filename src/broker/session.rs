@@ -27,6 +27,7 @@ use shards::queue::{Consumer, Credit, MessageId};
 use shards::{Message, ShardId};
 use smallvec::{smallvec, SmallVec};
 
+use super::direct_reply::{ReplyAddress, PSEUDO_QUEUE};
 use super::messages::{
     ConfirmTo, MetaOutcome, MetaRequest, QueueKey, Reply, SettledIds, Settlement, ShardMessage,
 };
@@ -37,11 +38,12 @@ use super::routing::{
 };
 use super::shard::{internal_error, no_queue, ConnectionPort, IncomingDelivery, ShardBroker};
 use crate::codec::{
-    BasicAck, BasicCancel, BasicCancelOk, BasicConsumeOk, BasicGetEmpty, BasicGetOk, BasicNack,
-    BasicPublish, BasicQosOk, BasicRecoverOk, BasicReturn, ConfirmSelectOk, DeliverArgs,
-    ExchangeBindOk, ExchangeDeclareOk, ExchangeDeleteOk, ExchangeUnbindOk, Method, QueueBindOk,
-    QueueDeclareOk, QueueDeleteOk, QueuePurgeOk, QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk,
-    TxRollbackOk, TxSelectOk, EXPIRATION_FLAG, HEADERS_FLAG, USER_ID_FLAG,
+    BasicAck, BasicCancel, BasicCancelOk, BasicConsume, BasicConsumeOk, BasicGetEmpty, BasicGetOk,
+    BasicNack, BasicProperties, BasicPublish, BasicQosOk, BasicRecoverOk, BasicReturn,
+    ConfirmSelectOk, DeliverArgs, ExchangeBindOk, ExchangeDeclareOk, ExchangeDeleteOk,
+    ExchangeUnbindOk, Method, QueueBindOk, QueueDeclareOk, QueueDeleteOk, QueuePurgeOk,
+    QueueUnbindOk, ReplyCode, ShortStr, TxCommitOk, TxRollbackOk, TxSelectOk, EXPIRATION_FLAG,
+    HEADERS_FLAG, REPLY_TO_FLAG, USER_ID_FLAG,
 };
 use crate::connection::error::AmqpError;
 use crate::connection::machine::{Command, ConnectionMachine, Content};
@@ -200,6 +202,8 @@ struct ChannelState {
     waiting: Vec<(u64, u32)>,
     /// Deliveries that arrived while channel.flow was off; written when it is back on.
     paused: Vec<IncomingDelivery>,
+    /// The direct reply-to consumer: its tag and the key its address carries.
+    reply_consumer: Option<(ShortStr, u64)>,
 }
 
 impl ChannelState {
@@ -490,6 +494,18 @@ impl Session {
                 self.meta(&vhost, MetaRequest::Unbind(binding)).await?;
                 self.reply(channel, m.no_wait, ExchangeUnbindOk {});
             }
+            Method::QueueDeclare(m) if m.queue.as_bytes() == PSEUDO_QUEUE.as_bytes() => {
+                // As RabbitMQ answers for the direct reply-to pseudo-queue.
+                self.reply(
+                    channel,
+                    m.no_wait,
+                    QueueDeclareOk {
+                        queue: m.queue.clone(),
+                        message_count: 0,
+                        consumer_count: 1,
+                    },
+                );
+            }
             Method::QueueDeclare(m) => {
                 let name = if m.passive && m.queue.is_empty() {
                     self.queue_name(channel, &m.queue)?
@@ -605,6 +621,9 @@ impl Session {
                     }
                 });
                 self.send(channel, BasicQosOk {});
+            }
+            Method::BasicConsume(m) if m.queue.as_bytes() == PSEUDO_QUEUE.as_bytes() => {
+                self.consume_replies(channel, &m)?;
             }
             Method::BasicConsume(m) => {
                 let (queue, owner) = self.accessible_queue(channel, &vhost, &m.queue)?;
@@ -728,6 +747,14 @@ impl Session {
                 }
             }
             Method::BasicCancel(m) => {
+                self.with_channel(channel, |c| {
+                    if c.reply_consumer
+                        .as_ref()
+                        .is_some_and(|(tag, _)| *tag == m.consumer_tag)
+                    {
+                        c.reply_consumer = None;
+                    }
+                });
                 let id = self.with_channel(channel, |c| c.consumers.remove(&m.consumer_tag));
                 let removed = id.and_then(|id| {
                     let consumer = self.state.borrow_mut().consumers.remove(&id)?;
@@ -964,7 +991,8 @@ impl Session {
             ));
         }
         let vhost = self.vhost();
-        self.check_publish(&vhost, &m.exchange, &content)?;
+        let mut content = content;
+        self.check_publish(channel, &vhost, &m.exchange, &mut content)?;
         let transactional = self.with_channel(channel, |c| c.tx.is_some());
         if transactional {
             self.with_channel(channel, |c| {
@@ -991,11 +1019,103 @@ impl Session {
         Ok(())
     }
 
+    /// basic.consume from the direct reply-to pseudo-queue, as RabbitMQ takes it.
+    fn consume_replies(&self, channel: u16, m: &BasicConsume) -> Result<(), AmqpError> {
+        let tag = if m.consumer_tag.is_empty() {
+            self.random_tag("amq.ctag-")
+        } else {
+            m.consumer_tag.clone()
+        };
+        if self.with_channel(channel, |c| c.consumers.contains_key(&tag)) {
+            return Err(AmqpError::connection(
+                ReplyCode::NotAllowed,
+                format_args!("attempt to reuse consumer tag '{tag}'"),
+            ));
+        }
+        if !m.no_ack {
+            return Err(AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                "reply consumer cannot acknowledge",
+            ));
+        }
+        let key = self
+            .tag_seed
+            .hash_one((self.connection, channel, tag.as_bytes()));
+        let set = self.with_channel(channel, |c| {
+            c.reply_consumer.is_none() && {
+                c.reply_consumer = Some((tag.clone(), key));
+                true
+            }
+        });
+        if !set {
+            return Err(AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                "reply consumer already set",
+            ));
+        }
+        self.reply(channel, m.no_wait, BasicConsumeOk { consumer_tag: tag });
+        Ok(())
+    }
+
+    /// A request naming the direct reply-to pseudo-queue as its reply-to gets the channel's
+    /// reply address there instead (`content`'s properties are encoded again).
+    fn address_replies(
+        &self,
+        channel: u16,
+        properties: &mut BasicProperties,
+        content: &mut Content,
+    ) -> Result<(), AmqpError> {
+        if properties
+            .reply_to
+            .as_ref()
+            .is_none_or(|to| to.as_bytes() != PSEUDO_QUEUE.as_bytes())
+        {
+            return Ok(());
+        }
+        let key = self.with_channel(channel, |c| c.reply_consumer.as_ref().map(|(_, key)| *key));
+        let Some(key) = key else {
+            return Err(AmqpError::channel(
+                ReplyCode::PreconditionFailed,
+                "fast reply consumer does not exist",
+            ));
+        };
+        let address = ReplyAddress {
+            shard: self.shard.id,
+            connection: self.connection,
+            channel,
+            key,
+        };
+        properties.reply_to = Some(address.routing_key());
+        content.header.raw_properties = properties.to_bytes();
+        Ok(())
+    }
+
+    /// A publish to the default exchange with a reply address as its routing key goes to that
+    /// requester's channel too (its routing goes on as usual, to no queue).
+    fn send_if_reply(&self, routing_key: &ShortStr, message: &Message) {
+        let Some(address) = ReplyAddress::parse(routing_key.as_bytes(), self.shard.shard_count())
+        else {
+            return;
+        };
+        self.shard.post(
+            address.shard,
+            ShardMessage::DirectReply {
+                connection: address.connection,
+                channel: address.channel,
+                key: address.key,
+                message: message.clone(),
+            },
+        );
+    }
+
+    /// RabbitMQ's checks on a publish; rewrites a direct reply-to request's reply-to into the
+    /// channel's reply address.
     fn check_publish(
         &self,
+        channel: u16,
         vhost: &ShortStr,
         exchange: &ShortStr,
-        content: &Content,
+        content: &mut Content,
     ) -> Result<(), AmqpError> {
         if !exchange.is_empty() {
             // Whether it is internal, not a clone of its definition: this runs for every publish.
@@ -1021,9 +1141,12 @@ impl Session {
                 Some(false) => {}
             }
         }
-        let checked = content
+        let mut checked = content
             .header
-            .properties_if_any(USER_ID_FLAG | EXPIRATION_FLAG);
+            .properties_if_any(USER_ID_FLAG | EXPIRATION_FLAG | REPLY_TO_FLAG);
+        if let Some(properties) = checked.as_mut() {
+            self.address_replies(channel, properties, content)?;
+        }
         let expiration = checked.as_ref().and_then(|p| p.expiration.as_ref());
         if let Some(expiration) = expiration {
             if let Err(reason) = parse_expiration(expiration.as_bytes()) {
@@ -1095,6 +1218,9 @@ impl Session {
                 persistent,
             )
         };
+        if exchange.is_empty() {
+            self.send_if_reply(routing_key, &message);
+        }
         if routed.is_empty() {
             *self.routed.borrow_mut() = routed;
             if mandatory {
@@ -1578,6 +1704,34 @@ impl ConnectionPort for Session {
                 },
             );
         }
+    }
+
+    fn deliver_reply(&self, channel: u16, key: u64, message: Message) {
+        if !self.machine.borrow().is_channel_open(channel) {
+            return;
+        }
+        let to = self.with_channel(channel, |c| {
+            let (tag, _) = c.reply_consumer.clone().filter(|(_, k)| *k == key)?;
+            c.next_delivery_tag += 1;
+            Some((tag, c.next_delivery_tag))
+        });
+        let Some((tag, delivery_tag)) = to else {
+            return;
+        };
+        let args = DeliverArgs {
+            consumer_tag: tag.as_bytes(),
+            delivery_tag,
+            redelivered: false,
+            exchange: message.exchange(),
+            routing_key: message.routing_key(),
+        };
+        self.machine.borrow_mut().send_delivery(
+            channel,
+            args,
+            message.properties(),
+            message.body(),
+        );
+        self.write_wanted.notify();
     }
 
     fn confirmed(&self, channel: u16, seq: u64, ok: bool) -> bool {

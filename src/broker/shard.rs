@@ -113,6 +113,9 @@ pub trait ConnectionPort {
     fn deliver(&self, delivery: IncomingDelivery) -> bool;
     /// The queue behind a consumer was deleted.
     fn consumer_cancelled(&self, consumer: u64);
+    /// A reply to the direct reply-to consumer of `channel` that `key` names (dropped if that
+    /// consumer is gone).
+    fn deliver_reply(&self, channel: u16, key: u64, message: shards::Message);
     /// The owner of a published message has it (`ok`), or failed to store it. Returns whether
     /// acks may be due: the shard then calls `send_confirms` once it has handled the batch of
     /// messages this came in, so that a batch's confirms leave as one basic.ack (multiple).
@@ -1207,6 +1210,18 @@ impl ShardBroker {
                 let port = self.connections.borrow().get(&consumer.connection).cloned();
                 if let Some(port) = port {
                     port.consumer_cancelled(consumer.consumer);
+                }
+            }
+            ShardMessage::DirectReply {
+                connection,
+                channel,
+                key,
+                message,
+            } => {
+                // A requester gone since is no error: the reply is dropped, as RabbitMQ drops it.
+                let port = self.connections.borrow().get(&connection).cloned();
+                if let Some(port) = port {
+                    port.deliver_reply(channel, key, message);
                 }
             }
             ShardMessage::Reply { token, reply } => {

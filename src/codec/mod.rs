@@ -83,7 +83,7 @@ pub use frame::{
 pub use methods::*;
 pub use properties::{
     BasicProperties, BASIC_CLASS_ID, BASIC_PROPERTY_TABLE, EXPIRATION_FLAG, HEADERS_FLAG,
-    PRIORITY_FLAG, USER_ID_FLAG,
+    PRIORITY_FLAG, REPLY_TO_FLAG, USER_ID_FLAG,
 };
 pub use types::{
     read_table_entries, write_table, write_table_entries, Decimal, FieldTable, FieldValue, LongStr,

@@ -118,6 +118,8 @@ pub const HEADERS_FLAG: u16 = 1 << 13;
 const DELIVERY_MODE_FLAG: u16 = 1 << 12;
 /// The flag of the priority property (the fifth).
 pub const PRIORITY_FLAG: u16 = 1 << 11;
+/// The flag of the reply-to property (the seventh).
+pub const REPLY_TO_FLAG: u16 = 1 << 9;
 /// The flag of the expiration property (the eighth).
 pub const EXPIRATION_FLAG: u16 = 1 << 8;
 /// The flag of the user-id property (the twelfth).
@@ -186,6 +188,11 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(flags(priority), PRIORITY_FLAG);
+        let reply_to = BasicProperties {
+            reply_to: Some(ShortStr::from_static("amq.rabbitmq.reply-to")),
+            ..Default::default()
+        };
+        assert_eq!(flags(reply_to), REPLY_TO_FLAG);
     }
     use crate::codec::types::FieldValue;
 

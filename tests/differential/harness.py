@@ -41,6 +41,8 @@ pika_connection.Connection._on_connection_close_from_broker = _remember(
 GENERATED = [
     (re.compile(r"amq\.gen-[A-Za-z0-9_\-]+"), "amq.gen-*"),
     (re.compile(r"amq\.ctag-[A-Za-z0-9_\-]+"), "amq.ctag-*"),
+    # direct reply-to addresses: opaque, each broker's own form
+    (re.compile(r"amq\.rabbitmq\.reply-to\.[A-Za-z0-9+/=._\-]+"), "amq.rabbitmq.reply-to.*"),
     # pika's own consumer tags: ctag<n>.<uuid4 hex>
     (re.compile(r"ctag(\d+)\.[0-9a-f]{32}"), r"ctag\1.*"),
 ]

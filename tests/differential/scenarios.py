@@ -1041,6 +1041,61 @@ def consumer_priorities_serve_the_highest_with_credit_first(o):
         queue, lambda *a: None, arguments={"x-priority": "high"}))
 
 
+def reply_address(name):
+    """Whether `name` is a direct reply-to address (their form differs between brokers)."""
+    return name.startswith("amq.rabbitmq.reply-to.") and len(name) > len("amq.rabbitmq.reply-to.")
+
+
+@scenario
+def direct_reply_to_round_trip(o):
+    connection = o.connect()
+    ch = connection.channel()
+    requests = declare(o, ch, "rpc")
+    replies = []
+    o.call("reply consumer", lambda: ch.basic_consume(
+        "amq.rabbitmq.reply-to",
+        lambda c, m, p, b: replies.append(
+            [m.exchange, reply_address(m.routing_key), m.redelivered, p.correlation_id, b]),
+        auto_ack=True, consumer_tag="replies"))
+    ch.confirm_delivery()
+    o.publish(ch, b"request", requests,
+              properties=props(reply_to="amq.rabbitmq.reply-to", correlation_id="c1"))
+    server = o.connect().channel()
+    server.confirm_delivery()
+    method, properties, body = server.basic_get(requests, auto_ack=True)
+    o.note("request", body, reply_address(properties.reply_to), properties.correlation_id)
+    o.publish(server, b"reply", properties.reply_to, label="reply",
+              properties=props(correlation_id=properties.correlation_id))
+    o.publish(server, b"lost", "amq.rabbitmq.reply-to.nobody", label="reply to nobody")
+    o.publish(server, b"returned", properties.reply_to, label="mandatory reply", mandatory=True)
+    o.settle(connection, 0.4)
+    o.note("replies", replies)
+    o.call("cancel", lambda: ch.basic_cancel("replies"))
+    o.publish(server, b"after cancel", properties.reply_to, label="reply after cancel")
+    o.settle(connection, 0.3)
+    o.note("replies after cancel", len(replies))
+
+
+@scenario
+def direct_reply_to_refusals(o):
+    ch = o.channel()
+    o.call("consume with acks", lambda: ch.basic_consume(
+        "amq.rabbitmq.reply-to", lambda *a: None, auto_ack=False))
+    ch = o.channel()
+    o.call("publish without a reply consumer", lambda: o.publish(
+        ch, b"m", "anything", properties=props(reply_to="amq.rabbitmq.reply-to")) or
+        ch.basic_qos(prefetch_count=1))
+    ch = o.channel()
+    ch.basic_consume("amq.rabbitmq.reply-to", lambda *a: None, auto_ack=True)
+    o.call("a second reply consumer", lambda: ch.basic_consume(
+        "amq.rabbitmq.reply-to", lambda *a: None, auto_ack=True))
+    o.passive_counts("amq.rabbitmq.reply-to", "passive declare of the pseudo-queue")
+    ch = o.channel()
+    o.call("declare of the pseudo-queue", lambda: ch.queue_declare("amq.rabbitmq.reply-to"))
+    o.call("passive declare of an address", lambda: ch.queue_declare(
+        "amq.rabbitmq.reply-to.nobody", passive=True))
+
+
 @scenario
 def dead_letter_loop_of_expiries_is_cut(o):
     # A queue dead-lettering its expired messages back to itself: RabbitMQ drops them.
