@@ -244,6 +244,53 @@ function scenarios(amqp, url) {
       await connection.close();
     },
 
+    async dead_letters_and_expiry_through_queue_options() {
+      const connection = await amqp.connect(url);
+      const channel = await connection.createConfirmChannel();
+      // amqplib's own option names become the x-arguments.
+      await channel.assertQueue('node.dead');
+      await channel.assertQueue('node.expiring', {
+        messageTtl: 100, deadLetterExchange: '', deadLetterRoutingKey: 'node.dead', maxLength: 2,
+      });
+      for (let i = 0; i < 3; i++) channel.sendToQueue('node.expiring', Buffer.from(`m${i}`));
+      await channel.waitForConfirms();
+      const letters = await collect(channel, 'node.dead', 3, { noAck: true });
+      const seen = letters.map((m) => [
+        m.content.toString(), m.properties.headers['x-death'][0].reason,
+      ]);
+      // m0 pushed out by the length limit at once, the other two expired.
+      assert.deepEqual(seen, [['m0', 'maxlen'], ['m1', 'expired'], ['m2', 'expired']]);
+      assert.equal((await channel.checkQueue('node.expiring')).messageCount, 0);
+      await connection.close();
+    },
+
+    async rpc_over_direct_reply_to() {
+      const connection = await amqp.connect(url);
+      const server = await connection.createChannel();
+      await server.assertQueue('node.rpc');
+      await server.consume('node.rpc', (request) => {
+        server.sendToQueue(request.properties.replyTo,
+          Buffer.from(request.content.toString().toUpperCase()),
+          { correlationId: request.properties.correlationId });
+      }, { noAck: true });
+      const client = await connection.createChannel();
+      const replies = [];
+      const done = new Promise((resolve) => {
+        client.consume('amq.rabbitmq.reply-to', (reply) => {
+          replies.push([reply.properties.correlationId, reply.content.toString()]);
+          if (replies.length === 3) resolve();
+        }, { noAck: true });
+      });
+      // The consume goes out first on this channel, so the broker knows the reply consumer.
+      for (const word of ['a', 'b', 'c']) {
+        client.sendToQueue('node.rpc', Buffer.from(word),
+          { replyTo: 'amq.rabbitmq.reply-to', correlationId: word });
+      }
+      await Promise.race([done, sleep(10000)]);
+      assert.deepEqual(replies, [['a', 'A'], ['b', 'B'], ['c', 'C']]);
+      await connection.close();
+    },
+
     async errors_close_the_channel_with_codes() {
       const connection = await amqp.connect(url);
       const missing = await connection.createChannel();

@@ -137,9 +137,56 @@ def scenarios(pika, port):
             ch.queue_declare("py.ok")
             assert ch.is_open
 
+    def dead_letter_retry_through_a_ttl_queue():
+        # py.jobs --(rejected)--> py.retry (TTL 200 ms) --(expired)--> py.jobs again.
+        with connect() as c:
+            ch = c.channel()
+            ch.queue_declare("py.jobs", arguments={"x-dead-letter-exchange": "",
+                                                   "x-dead-letter-routing-key": "py.retry"})
+            ch.queue_declare("py.retry", arguments={"x-message-ttl": 200,
+                                                    "x-dead-letter-exchange": "",
+                                                    "x-dead-letter-routing-key": "py.jobs"})
+            ch.basic_publish("", "py.jobs", b"job")
+            deliveries = []
+            ch.basic_qos(prefetch_count=1)
+
+            def on_job(channel, method, properties, body):
+                deliveries.append((time.time(), properties.headers))
+                if len(deliveries) == 1:
+                    channel.basic_reject(method.delivery_tag, requeue=False)
+                else:
+                    channel.basic_ack(method.delivery_tag)
+
+            ch.basic_consume("py.jobs", on_job)
+            deadline = time.time() + 10
+            while len(deliveries) < 2 and time.time() < deadline:
+                c.process_data_events(time_limit=0.05)
+            assert len(deliveries) == 2, deliveries
+            assert deliveries[1][0] - deliveries[0][0] >= 0.15, "waited out the TTL"
+            deaths = deliveries[1][1]["x-death"]
+            assert [(d["queue"], d["reason"], d["count"]) for d in deaths] == [
+                ("py.retry", "expired", 1), ("py.jobs", "rejected", 1)], deaths
+
+    def priorities_and_a_length_limit():
+        with connect() as c:
+            ch = c.channel()
+            ch.confirm_delivery()
+            ch.queue_declare("py.prio", arguments={"x-max-priority": 9, "x-max-length": 3,
+                                                   "x-overflow": "reject-publish"})
+            for body, priority in ((b"low", 1), (b"high", 9), (b"mid", 5)):
+                ch.basic_publish("", "py.prio", body, pika.BasicProperties(priority=priority))
+            try:
+                ch.basic_publish("", "py.prio", b"one too many")
+                raise AssertionError("a full reject-publish queue took a fourth message")
+            except pika.exceptions.NackError:
+                pass
+            got = [ch.basic_get("py.prio", auto_ack=True)[2] for _ in range(3)]
+            assert got == [b"high", b"mid", b"low"], got
+
     return [declare_bind_publish_get, publisher_confirms, consume_with_acks_and_prefetch,
             nack_requeue_redelivers, transactions, exclusive_queue_is_locked, mandatory_return,
-            large_message, errors_close_the_channel_with_codes]
+            large_message, errors_close_the_channel_with_codes,
+            dead_letter_retry_through_a_ttl_queue, priorities_and_a_length_limit]
 
 
 def memory_alarm_scenarios(pika, port):
