@@ -343,6 +343,47 @@ mod tests {
     }
 
     #[test]
+    fn deaths_a_client_made_up_are_survived() {
+        let q = ShortStr::from_static("work");
+        let forged = |x_death: FieldValue| {
+            let headers: FieldTable = [(name(X_DEATH), x_death)].into_iter().collect();
+            let properties = BasicProperties {
+                headers: Some(headers),
+                ..Default::default()
+            };
+            Message::new(b"", b"k", &properties.to_bytes(), Bytes::new(), false)
+        };
+        let junk = [
+            text(b"not an array"),
+            FieldValue::Array(vec![FieldValue::I8(1), text(b"x")]),
+            FieldValue::Array(vec![FieldValue::Table(
+                [
+                    (name("queue"), text(b"work")),
+                    (name("reason"), text(b"expired")),
+                    (name("count"), text(b"many")),
+                ]
+                .into_iter()
+                .collect(),
+            )]),
+        ];
+        for x_death in junk {
+            let letter = letter(&forged(x_death), &q, Reason::Expired, &target(None), 1)
+                .expect("a letter");
+            let deaths = match letter.headers.get(X_DEATH) {
+                Some(FieldValue::Array(deaths)) => deaths.clone(),
+                other => panic!("{other:?}"),
+            };
+            let FieldValue::Table(first) = &deaths[0] else {
+                panic!("the new death comes first: {deaths:?}");
+            };
+            assert_eq!(record_field(&deaths[0], "queue"), Some(&b"work"[..]));
+            assert!(matches!(first.get("count"), Some(FieldValue::I64(1 | 2))));
+        }
+        let unreadable = Message::new(b"", b"k", b"\xff", Bytes::new(), false);
+        assert!(letter(&unreadable, &q, Reason::Rejected, &target(None), 1).is_none());
+    }
+
+    #[test]
     fn automatic_loops_are_cut_and_rejections_are_not() {
         let work = ShortStr::from_static("work");
         let retry = ShortStr::from_static("retry");
