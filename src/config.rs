@@ -59,6 +59,7 @@ pub struct QueuesConfig {
     pub placement: QueuePlacement,
     pub consumer_window_messages: u32,
     pub memory_budget_bytes: usize,
+    pub disk_free_limit_bytes: u64,
 }
 
 #[derive(Debug, Clone, Deserialize)]

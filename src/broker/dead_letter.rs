@@ -367,8 +367,8 @@ mod tests {
             )]),
         ];
         for x_death in junk {
-            let letter = letter(&forged(x_death), &q, Reason::Expired, &target(None), 1)
-                .expect("a letter");
+            let letter =
+                letter(&forged(x_death), &q, Reason::Expired, &target(None), 1).expect("a letter");
             let deaths = match letter.headers.get(X_DEATH) {
                 Some(FieldValue::Array(deaths)) => deaths.clone(),
                 other => panic!("{other:?}"),

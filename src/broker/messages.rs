@@ -323,6 +323,11 @@ pub enum ShardMessage {
     ConsumerCancelled {
         consumer: ConsumerKey,
     },
+    /// From the coordinator's shard to every shard: the data directory's disk went below (or
+    /// back above) `queues.disk_free_limit_bytes`.
+    DiskAlarm {
+        on: bool,
+    },
     /// To a requester's shard: a reply published to its direct reply-to address
     /// (`amq.rabbitmq.reply-to.*`), for the reply consumer `key` names on that channel.
     DirectReply {

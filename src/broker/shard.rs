@@ -77,6 +77,8 @@ const OUTBOX_BYTES_MAX: usize = 16 << 20;
 const FLOW_CHECK_INTERVAL: Duration = Duration::from_millis(5);
 /// Publishers paused this long without memory falling resume (see `ShardBroker::check_flow`).
 const FLOW_STALL: Duration = Duration::from_secs(1);
+/// How often `watch_disk` looks at the free space.
+const DISK_CHECK_EVERY: Duration = Duration::from_secs(1);
 /// While publishers wait for consumers to drain the excess over the budget, memory must fall by
 /// a sixty-fourth of the budget every `DRAIN_WINDOW`, or the shard pages instead and does not
 /// wait for consumers again for `DRAIN_REFUSED_FOR` (see `ShardBroker::check_drain`).
@@ -96,6 +98,19 @@ const TRIM_CHECK_INTERVAL: Duration = Duration::from_millis(500);
 /// When the log left a sparse segment to drain, reclaiming runs again after this even if no
 /// settlement asks for it.
 const RECLAIM_RETRY: Duration = Duration::from_secs(1);
+
+/// Bytes available to unprivileged users on the disk that holds `path` (statvfs).
+fn free_disk_bytes(path: &Path) -> Result<u64, String> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(path.as_os_str().as_bytes()).map_err(|e| e.to_string())?;
+    // SAFETY: statvfs writes only into the struct it is given; zeroed is a valid value of it.
+    let mut stats: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is a NUL-terminated string that outlives the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut stats) } != 0 {
+        return Err(std::io::Error::last_os_error().to_string());
+    }
+    Ok(stats.f_bavail.saturating_mul(stats.f_frsize))
+}
 
 /// Hands the allocator's free pages back to the system. After a pause the pager has freed many
 /// message buffers scattered through the heap; glibc keeps such pages resident until trimmed.
@@ -293,6 +308,9 @@ pub struct ShardBroker {
     flow: RefCell<Vec<PublisherFlow>>,
     /// Raised when no shard holds publishers back any more.
     pub flow_resumed: Signal,
+    /// The data directory's disk is below its free-space limit (`watch_disk`): publishers
+    /// are held as by a memory alarm.
+    disk_alarm: Cell<bool>,
     /// This shard raises its memory alarm past this many bytes of messages in memory.
     flow_limit: Cell<usize>,
     /// Until then, this shard pages rather than waiting for its consumers (they were too slow).
@@ -366,6 +384,7 @@ impl ShardBroker {
             trim_pending: Cell::new(false),
             flow_resumed: Signal::default(),
             flow_limit: Cell::new(config.queues.memory_budget_bytes.saturating_mul(2)),
+            disk_alarm: Cell::new(false),
             meta_log: RefCell::new(None),
             deliveries: RefCell::new(Vec::new()),
         });
@@ -423,10 +442,17 @@ impl ShardBroker {
 
     /// Whether publishers should stop reading: some shard holds them back.
     pub fn publishers_paused(&self) -> bool {
-        self.flow
-            .borrow()
-            .iter()
-            .any(|&state| state != PublisherFlow::Open)
+        self.disk_alarm.get()
+            || self
+                .flow
+                .borrow()
+                .iter()
+                .any(|&state| state != PublisherFlow::Open)
+    }
+
+    /// The data directory's disk is short of space (see `watch_disk`).
+    pub fn disk_alarm(&self) -> bool {
+        self.disk_alarm.get()
     }
 
     /// Whether some shard has raised its memory alarm (clients are told they are blocked).
@@ -443,10 +469,45 @@ impl ShardBroker {
         if let Some(slot) = states.get_mut(shard.index()) {
             *slot = state;
         }
-        if states.iter().all(|&state| state == PublisherFlow::Open) {
+        if states.iter().all(|&state| state == PublisherFlow::Open) && !self.disk_alarm.get() {
             drop(states);
             self.flow_resumed.notify_all();
         }
+    }
+
+    /// Checks the free space of `data_dir`'s disk every `DISK_CHECK_EVERY` and tells every
+    /// shard when it goes below `limit` bytes or back above (run by one shard).
+    pub fn watch_disk(self: &Rc<Self>, data_dir: std::path::PathBuf, limit: u64) {
+        if limit == 0 {
+            return;
+        }
+        let shard = self.clone();
+        glommio::spawn_local(async move {
+            let mut alarm = false;
+            loop {
+                match free_disk_bytes(&data_dir) {
+                    Ok(free) if (free < limit) != alarm => {
+                        alarm = !alarm;
+                        if alarm {
+                            warn!(
+                                "disk alarm: {free} bytes free on the disk of {} (limit \
+                                 {limit}): publishers blocked",
+                                data_dir.display()
+                            );
+                        } else {
+                            info!("disk alarm cleared: {free} bytes free (limit {limit})");
+                        }
+                        for index in 0..shard.shard_count {
+                            shard.post(ShardId(index), ShardMessage::DiskAlarm { on: alarm });
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => warn!("cannot read the free space of {}: {e}", data_dir.display()),
+                }
+                glommio::timer::sleep(DISK_CHECK_EVERY).await;
+            }
+        })
+        .detach();
     }
 
     /// Pauses publishers everywhere once this shard's messages in memory pass the flow limit
@@ -1210,6 +1271,13 @@ impl ShardBroker {
                 let port = self.connections.borrow().get(&consumer.connection).cloned();
                 if let Some(port) = port {
                     port.consumer_cancelled(consumer.consumer);
+                }
+            }
+            ShardMessage::DiskAlarm { on } => {
+                self.disk_alarm.set(on);
+                if !on {
+                    // Resumes publishers unless a shard's memory still holds them.
+                    self.set_flow(self.id, self.own_flow());
                 }
             }
             ShardMessage::DirectReply {

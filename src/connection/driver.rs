@@ -423,13 +423,20 @@ impl Connection {
     /// Waits until flow control lets publishers go on (or the connection closes), telling a
     /// client that asked for it with connection.blocked and connection.unblocked.
     async fn hold_off_publisher(&self) {
-        let notify = self.machine.borrow().client().connection_blocked && self.shard.memory_alarm();
-        if notify {
-            let reason = ShortStr::from_static("low on memory");
+        let reason = if self.shard.disk_alarm() {
+            Some("low on disk")
+        } else if self.shard.memory_alarm() {
+            Some("low on memory")
+        } else {
+            None
+        };
+        let notify = reason.filter(|_| self.machine.borrow().client().connection_blocked);
+        if let Some(reason) = notify {
+            let reason = ShortStr::from_static(reason);
             self.session.send(0, ConnectionBlocked { reason });
         }
         futures_lite::future::or(self.shard.flow_resumed.wait(), self.closing.wait()).await;
-        if notify && self.phase() == Phase::Open {
+        if notify.is_some() && self.phase() == Phase::Open {
             self.session.send(0, ConnectionUnblocked {});
         }
     }

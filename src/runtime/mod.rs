@@ -31,7 +31,7 @@ use shards::ShardId;
 
 use crate::broker::messages::ShardMessage;
 use crate::broker::meta_log::{self, DurableMetadata};
-use crate::broker::shard::ShardBroker;
+use crate::broker::shard::{ShardBroker, COORDINATOR};
 use crate::config::Config;
 use crate::connection::auth::Directory;
 use crate::connection::{Connection, ConnectionSettings};
@@ -337,6 +337,9 @@ async fn run_shard(start: ShardStart) -> Result<(), String> {
     );
     if let Err(e) = broker.open_storage(&config.data_dir, &metadata).await {
         return report(Err(e));
+    }
+    if shard == COORDINATOR {
+        broker.watch_disk(config.data_dir.clone(), config.queues.disk_free_limit_bytes);
     }
     // Peers may still be replaying their logs.
     match within(RECOVERY_TIMEOUT, mesh.ping_all(shard.index() as u64 + 1)).await {
