@@ -136,7 +136,7 @@ impl QueuePolicy {
             && (self.max_length.is_some_and(|max| u64::from(count) >= max)
                 || self
                     .max_length_bytes
-                    .is_some_and(|max| bytes + body_bytes as u64 > max))
+                    .is_some_and(|max| bytes.saturating_add(body_bytes as u64) > max))
     }
 
     /// Nothing to do past plain queueing (messages may still carry an expiration).
