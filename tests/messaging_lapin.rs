@@ -5,7 +5,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{lapin_channel, lapin_publish, Broker, BALANCED};
+use common::{lapin_channel, lapin_publish_confirmed, Broker, BALANCED};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicNackOptions, BasicPublishOptions,
@@ -34,10 +34,7 @@ async fn publish(
     routing_key: &str,
     body: &[u8],
 ) -> Confirmation {
-    lapin_publish(channel, exchange, routing_key, body)
-        .await
-        .await
-        .expect("confirmation")
+    lapin_publish_confirmed(channel, exchange, routing_key, body, Default::default()).await
 }
 
 #[tokio::test]

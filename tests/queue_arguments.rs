@@ -8,14 +8,17 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{drain_no_ack, lapin_channel, lapin_publish_with, Broker, BALANCED, BALANCED_PAGING};
+use common::{
+    drain_no_ack, lapin_channel, lapin_publish_confirmed, lapin_publish_with, Broker, BALANCED,
+    BALANCED_PAGING,
+};
 use futures_lite::StreamExt;
 use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicRejectOptions,
     ConfirmSelectOptions, ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions,
 };
 use lapin::types::{AMQPValue, FieldTable, ShortString};
-use lapin::{BasicProperties, Channel, Confirmation, ExchangeKind};
+use lapin::{BasicProperties, Channel, ExchangeKind};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -43,19 +46,6 @@ async fn declare(channel: &Channel, name: &str, durable: bool, args: &[(&str, AM
         )
         .await
         .expect("queue.declare");
-}
-
-async fn publish(
-    channel: &Channel,
-    exchange: &str,
-    routing_key: &str,
-    body: &[u8],
-    properties: BasicProperties,
-) -> Confirmation {
-    lapin_publish_with(channel, exchange, routing_key, body, properties)
-        .await
-        .await
-        .expect("confirmation")
 }
 
 async fn confirming_channel(broker: &Broker) -> (lapin::Connection, Channel) {
@@ -226,7 +216,7 @@ async fn a_rejected_job_comes_back_through_a_ttl_retry_queue_with_its_deaths() {
         .expect("queue.bind");
     let mut consumer = consume(&channel, "work", "worker", false, &[]).await;
     let properties = BasicProperties::default().with_headers(arguments(&[("job", text("7"))]));
-    publish(&channel, "", "work", b"job", properties).await;
+    lapin_publish_confirmed(&channel, "", "work", b"job", properties).await;
 
     let first = next_delivery(&mut consumer, "the job in time").await;
     assert!(deaths(&first.properties).is_empty());
@@ -315,9 +305,13 @@ async fn length_limits_drop_the_oldest_or_refuse_the_newest() {
     .await;
     for i in 0..5 {
         let body = format!("m{i}");
-        let newest = publish(&channel, "", "newest", body.as_bytes(), Default::default()).await;
+        let newest =
+            lapin_publish_confirmed(&channel, "", "newest", body.as_bytes(), Default::default())
+                .await;
         assert!(newest.is_ack(), "drop-head takes every message");
-        let oldest = publish(&channel, "", "oldest", body.as_bytes(), Default::default()).await;
+        let oldest =
+            lapin_publish_confirmed(&channel, "", "oldest", body.as_bytes(), Default::default())
+                .await;
         assert_eq!(
             oldest.is_nack(),
             i >= 2,
@@ -325,7 +319,7 @@ async fn length_limits_drop_the_oldest_or_refuse_the_newest() {
         );
     }
     for body in ["aaaa", "bbbb", "cccc", "dd"] {
-        publish(&channel, "", "small", body.as_bytes(), Default::default()).await;
+        lapin_publish_confirmed(&channel, "", "small", body.as_bytes(), Default::default()).await;
     }
     let bodies = |messages: Vec<(Vec<u8>, bool)>| -> Vec<String> {
         messages
@@ -352,9 +346,9 @@ async fn per_message_expiration_and_invalid_expirations() {
     let (_connection, channel) = confirming_channel(&broker).await;
     declare(&channel, "q", false, &[]).await;
     let expiring = |ms: &str| BasicProperties::default().with_expiration(ms.into());
-    publish(&channel, "", "q", b"gone", expiring("0")).await;
-    publish(&channel, "", "q", b"kept", expiring("60000")).await;
-    publish(&channel, "", "q", b"soon gone", expiring("100")).await;
+    lapin_publish_confirmed(&channel, "", "q", b"gone", expiring("0")).await;
+    lapin_publish_confirmed(&channel, "", "q", b"kept", expiring("60000")).await;
+    lapin_publish_confirmed(&channel, "", "q", b"soon gone", expiring("100")).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
     let got = channel
         .basic_get("q".into(), BasicGetOptions { no_ack: true })
@@ -416,7 +410,7 @@ async fn a_paged_backlog_expires_in_order_into_its_dead_letter_queue() {
     let body = |i: usize| format!("{i:04}{}", "x".repeat(1020));
     let persistent = BasicProperties::default().with_delivery_mode(2);
     for i in 0..300 {
-        let confirm = publish(
+        let confirm = lapin_publish_confirmed(
             &channel,
             "",
             "delay",
@@ -455,8 +449,8 @@ async fn dead_letters_and_ttls_survive_a_restart() {
         delayed.push(("x-message-ttl", AMQPValue::LongInt(1_000)));
         declare(&channel, "delay", true, &delayed).await;
         let persistent = BasicProperties::default().with_delivery_mode(2);
-        publish(&channel, "", "work", b"rejected", persistent.clone()).await;
-        publish(&channel, "", "delay", b"delayed", persistent).await;
+        lapin_publish_confirmed(&channel, "", "work", b"rejected", persistent.clone()).await;
+        lapin_publish_confirmed(&channel, "", "delay", b"delayed", persistent).await;
         let got = channel
             .basic_get("work".into(), BasicGetOptions { no_ack: false })
             .await
@@ -534,7 +528,7 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
     let (_second_connection, second_channel) = lapin_channel(&broker).await;
     let mut second = consume(&second_channel, "sac", "second", false, &[]).await;
     for i in 0..4 {
-        publish(
+        lapin_publish_confirmed(
             &channel,
             "",
             "sac",
@@ -561,7 +555,7 @@ async fn a_single_active_consumer_hands_over_when_its_connection_dies() {
         .close(200, "bye".into())
         .await
         .expect("close");
-    publish(&channel, "", "sac", b"m4", Default::default()).await;
+    lapin_publish_confirmed(&channel, "", "sac", b"m4", Default::default()).await;
     let mut taken_over = Vec::new();
     while taken_over.len() < 3 {
         let delivery = next_delivery(&mut second, "the next consumer takes over").await;
@@ -598,7 +592,7 @@ async fn a_priority_queue_keeps_its_order_through_paging_and_a_restart() {
         let properties = BasicProperties::default()
             .with_delivery_mode(2)
             .with_priority((i % 7) as u8);
-        publish(&channel, "", "urgent-first", body(i).as_bytes(), properties).await;
+        lapin_publish_confirmed(&channel, "", "urgent-first", body(i).as_bytes(), properties).await;
     }
     let mut expected: Vec<usize> = (0..140).collect();
     expected.sort_by_key(|i| (std::cmp::Reverse((i % 7).min(4)), *i));
@@ -632,7 +626,7 @@ async fn a_higher_priority_consumer_is_served_first_while_it_has_credit() {
     let (_low_connection, low_channel) = lapin_channel(&broker).await;
     let mut low = consume(&low_channel, "jobs", "low", true, &[]).await;
     for i in 0..10 {
-        publish(
+        lapin_publish_confirmed(
             &channel,
             "",
             "jobs",
@@ -668,7 +662,7 @@ async fn a_higher_priority_consumer_is_served_first_while_it_has_credit() {
     passive_declare(&high_channel, "jobs")
         .await
         .expect("passive declare");
-    publish(&channel, "", "jobs", b"j10", Default::default()).await;
+    lapin_publish_confirmed(&channel, "", "jobs", b"j10", Default::default()).await;
     let next = next_delivery(&mut high, "to the high-priority consumer").await;
     assert_eq!(next.data, b"j10");
 }

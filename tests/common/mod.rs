@@ -562,6 +562,21 @@ pub async fn lapin_publish(
     lapin_publish_with(channel, exchange, routing_key, body, Default::default()).await
 }
 
+/// `lapin_publish_with`, waiting for the broker's answer: its confirm on a confirming channel
+/// (an ack at once on another).
+pub async fn lapin_publish_confirmed(
+    channel: &lapin::Channel,
+    exchange: &str,
+    routing_key: &str,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> lapin::Confirmation {
+    lapin_publish_with(channel, exchange, routing_key, body, properties)
+        .await
+        .await
+        .expect("confirmation")
+}
+
 /// `lapin_publish` with `properties`.
 pub async fn lapin_publish_with(
     channel: &lapin::Channel,
